@@ -1,0 +1,224 @@
+"""`mergekit-rl`: the command line. The only place that prints and that turns errors into exit
+codes; everything else lives in the library and raises typed errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import MergekitRLError
+
+log = logging.getLogger("mergekit_rl")
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+
+
+def _errors_to_exit(fn):
+    """User mistakes become one line and exit code 1; Ctrl-C exits 130 having written nothing."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (MergekitRLError, FileNotFoundError, ImportError) as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _progress_factory(quiet: bool):
+    if quiet:
+        return None
+
+    def factory(total_bytes: int, total_tensors: int):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                   dynamic_ncols=True, disable=None, leave=False)
+        done = [0]
+
+        def update(nbytes: int, tensors: int) -> None:
+            done[0] += tensors
+            bar.set_postfix_str(f"{done[0]}/{total_tensors} tensors", refresh=False)
+            bar.update(nbytes)
+            if done[0] == total_tensors:
+                bar.close()
+
+        return update
+
+    return factory
+
+
+def common_options(fn):
+    """Options shared by the commands that write a checkpoint."""
+    opts = [
+        click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+                     help="Output folder (written atomically)."),
+        click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     help="Output dtype: auto = the target's for models, float32 for vectors."),
+        click.option("--include", multiple=True, metavar="REGEX",
+                     help="Only tensors whose name matches (repeatable); the rest come from the "
+                          "target unchanged."),
+        click.option("--exclude", multiple=True, metavar="REGEX",
+                     help="Leave tensors whose name matches unchanged (repeatable)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cuda or cuda:N."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
+        click.option("--allow-vocab-mismatch", is_flag=True,
+                     help="Combine the common rows of embeddings/lm_head when vocabularies "
+                          "differ; the target's extra rows are kept."),
+        click.option("--max-shard-size", default="5GB", show_default=True,
+                     help="Largest output shard, e.g. 500MB, 2GB."),
+        click.option("--hash", "full_hash", is_flag=True,
+                     help="Record the full sha256 of every input file (reads inputs twice)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _options(**kw):
+    from .checkpoint import parse_size
+    from .operations import Options
+
+    try:
+        shard = parse_size(kw["max_shard_size"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
+    return Options(dtype=kw["dtype"], include=tuple(kw["include"]),
+                   exclude=tuple(kw["exclude"]), device=kw["device"],
+                   overwrite=kw["overwrite"], allow_vocab_mismatch=kw["allow_vocab_mismatch"],
+                   max_shard_size=shard, full_hash=kw["full_hash"],
+                   command="mergekit-rl " + shlex.join(sys.argv[1:]))
+
+
+def _summary(result, quiet: bool, what: str) -> None:
+    if quiet:
+        return
+    gb = result.bytes_written / 1e9
+    click.echo(f"{what}: wrote {result.tensors} tensors ({result.computed} computed), "
+               f"{gb:.3g} GB in {result.seconds:.1f}s on {result.device} → {result.out}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergekit-rl")
+def main():
+    """Move abilities between language models by weight arithmetic.
+
+    Task vectors (the reasoning vector θ_GRPO − θ_SFT of Zbeeb et al. 2025), streamed tensor by
+    tensor with memory bounded by a few tensors, on a GPU when there is one.
+    """
+
+
+@main.command()
+@click.argument("finetuned")
+@click.argument("base")
+@common_options
+@_errors_to_exit
+def extract(finetuned, base, **kw):
+    """Write the task vector FINETUNED − BASE to OUT.
+
+    The reasoning vector is `extract GRPO_CHECKPOINT SFT_CHECKPOINT`. Inputs are local folders
+    or Hub ids (org/name[@revision]). The vector is a sharded safetensors checkpoint (float32
+    unless --dtype) with provenance.json and a model card.
+    """
+    from .operations import extract as run
+
+    _setup_logging(kw["quiet"])
+    result = run(finetuned, base, kw["out"], _options(**kw), _progress_factory(kw["quiet"]))
+    _summary(result, kw["quiet"], "extract")
+
+
+def _apply_command(subtract: bool):
+    def command(target, vector, alpha, **kw):
+        from .operations import apply as run
+
+        _setup_logging(kw["quiet"])
+        result = run(target, vector, kw["out"], alpha, _options(**kw),
+                     _progress_factory(kw["quiet"]), subtract=subtract)
+        _summary(result, kw["quiet"], "subtract" if subtract else "add")
+
+    return command
+
+
+for _name, _sub, _doc in (
+    ("add", False, "Write TARGET + ALPHA·VECTOR to OUT (a model: the target's config, tokenizer "
+                   "and chat template are copied).\n\nThe paper's transfer is "
+                   "`add INSTRUCT REASONING_VECTOR --alpha 1`."),
+    ("subtract", True, "Write TARGET − ALPHA·VECTOR to OUT (a model, as for add)."),
+):
+    _cmd = _errors_to_exit(_apply_command(_sub))
+    _cmd.__doc__ = _doc
+    _cmd = common_options(_cmd)
+    _cmd = click.option("--alpha", default=1.0, show_default=True, type=float,
+                        help="Scale of the vector.")(_cmd)
+    _cmd = click.argument("vector")(_cmd)
+    _cmd = click.argument("target")(_cmd)
+    main.command(name=_name)(_cmd)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Draw per-layer L2 norms to PNG.")
+@_errors_to_exit
+def inspect(path, as_json, plot):
+    """Summarise a model or vector: tensors, dtypes, bytes, per-layer L2 norm and sparsity."""
+    from .inspection import inspect_checkpoint, plot_norms
+
+    _setup_logging(False)
+    report = inspect_checkpoint(path)
+    if plot:
+        plot_norms(report, plot)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    dtypes = ", ".join(f"{k}×{v}" for k, v in sorted(report.dtypes.items()))
+    click.echo(f"{report.path} ({report.kind}): {report.tensors} tensors, "
+               f"{report.params:,} parameters, {report.bytes / 1e6:.1f} MB [{dtypes}]")
+    click.echo(f"total L2 norm {report.total.l2:.6g}, sparsity {report.total.sparsity:.2%}")
+    click.echo(f"{'group':<12}{'tensors':>8}{'params':>14}{'L2 norm':>14}{'sparsity':>10}")
+    for g in report.groups:
+        click.echo(f"{g.name:<12}{g.tensors:>8}{g.params:>14,}{g.l2:>14.6g}{g.sparsity:>10.2%}")
+    if plot:
+        click.echo(f"plot → {plot}")
+
+
+@main.command()
+@click.option("-o", "--out", "out", default="demo_out", show_default=True,
+              type=click.Path(path_type=Path), help="Where everything goes.")
+@click.option("--fresh", is_flag=True, help="Start again instead of reusing finished stages.")
+@_errors_to_exit
+def demo(out, fresh):
+    """Run the miniature experiment on this CPU with no network."""
+    from .demo import run_demo
+
+    _setup_logging(False)
+    for line in run_demo(out, fresh=fresh):
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()

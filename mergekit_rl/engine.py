@@ -1,0 +1,170 @@
+"""Stream a plan through read → compute → write, a block of rows at a time.
+
+Three stages overlap: a reader thread fetches the next block's inputs (pinned memory on CUDA),
+the calling thread computes in fp32 on the device and casts once, and a writer thread puts the
+result at its final offset. The queues between them hold at most `QUEUE_DEPTH` blocks, so memory
+is bounded by a few blocks whatever the model size. The same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointWriter
+from .errors import NonFiniteError
+from .plan import Item
+
+log = logging.getLogger(__name__)
+
+QUEUE_DEPTH = 2
+DEFAULT_BLOCK_BYTES = 64 * 2**20  # fp32 bytes of one input's block
+
+# fn(item, {role: fp32 tensor on device}) -> fp32 tensor: the maths for one block.
+ComputeFn = Callable[[Item, dict[str, torch.Tensor]], torch.Tensor]
+ProgressFn = Callable[[int, int], None]  # (bytes written, tensors finished)
+
+
+def resolve_device(text: str) -> torch.device:
+    """'auto' → cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' as given."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass(frozen=True)
+class _Block:
+    item: Item
+    rows: tuple[int, int] | None  # None: the whole tensor
+    compute: bool                 # False: copy rows from item.copy_from
+    last: bool                    # last block of its item
+
+
+def _blocks(items: list[Item], block_bytes: int, whole_tensors: bool) -> Iterator[_Block]:
+    for item in items:
+        numel = 1
+        for d in item.shape:
+            numel *= d
+        n_rows = item.shape[0] if item.shape else 0
+        split = item.common_rows if item.common_rows is not None else n_rows
+        small = not item.shape or whole_tensors or numel * 4 <= block_bytes
+        if small and split == n_rows:
+            rows = None if item.common_rows is None else (0, split)
+            yield _Block(item, rows, not item.is_copy, True)
+            continue
+        row_elems = max(numel // n_rows, 1)
+        step = max(block_bytes // (4 * row_elems), 1)
+        spans = []
+        for lo, hi, compute in ((0, split, not item.is_copy), (split, n_rows, False)):
+            chunk = max(hi - lo, 1) if whole_tensors else step
+            spans += [(r, min(r + chunk, hi), compute) for r in range(lo, hi, chunk)]
+        for k, (r0, r1, compute) in enumerate(spans):
+            yield _Block(item, (r0, r1), compute, k == len(spans) - 1)
+
+
+def run(items: list[Item], inputs: dict[str, Checkpoint], fn: ComputeFn,
+        writer: CheckpointWriter, device: torch.device, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
+        whole_tensors: bool = False, check_finite: bool = True,
+        progress: ProgressFn | None = None) -> None:
+    """Compute every item of a plan and write it. Errors in any stage stop all stages."""
+    pin = device.type == "cuda"
+    stop = threading.Event()
+    read_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
+    write_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
+    errors: list[BaseException] = []
+
+    def put(q: queue.Queue, obj) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(obj, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for block in _blocks(items, block_bytes, whole_tensors):
+                if block.compute:
+                    pairs = block.item.sources
+                else:
+                    pairs = (block.item.copy_from,)
+                data = {role: inputs[role].read(name, block.rows, pin=pin) for role, name in pairs}
+                if not put(read_q, (block, data)):
+                    return
+            put(read_q, None)
+        except BaseException as e:  # handed to the main thread, which re-raises it
+            errors.append(e)
+            stop.set()
+
+    def write_loop() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    got = write_q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if got is None:
+                    return
+                block, tensor = got
+                writer.write(block.item.name, tensor, block.rows[0] if block.rows else 0)
+                if progress:
+                    progress(tensor.numel() * tensor.element_size(), int(block.last))
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=reader, name="mkrl-read", daemon=True),
+               threading.Thread(target=write_loop, name="mkrl-write", daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while not stop.is_set():
+            try:
+                got = read_q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if got is None:
+                break
+            block, data = got
+            out = _compute_block(block, data, fn, device)
+            if check_finite and out.is_floating_point() and not torch.isfinite(out).all():
+                raise NonFiniteError(f"tensor {block.item.name}: the result contains NaN or Inf "
+                                     f"(in {block.item.dtype}); check the inputs and --alpha, "
+                                     "or use a wider --dtype")
+            if not put(write_q, (block, out.to("cpu"))):
+                break
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        if not stop.is_set():
+            write_q.put(None)
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+
+
+def _compute_block(block: _Block, data: dict[str, torch.Tensor], fn: ComputeFn,
+                   device: torch.device) -> torch.Tensor:
+    item = block.item
+    if not block.compute:
+        (t,) = data.values()
+        return t.to(device, dtype=item.dtype, non_blocking=True)
+    # fp32 arithmetic whatever the stored dtypes; cast once at the end.
+    x = {role: t.to(device, non_blocking=True).to(torch.float32) for role, t in data.items()}
+    return fn(item, x).to(item.dtype)

@@ -1,0 +1,171 @@
+"""The vector workflow: extract a task vector, add it to or subtract it from a model.
+
+Each operation resolves its inputs, plans from headers (all mismatches reported before anything
+is written), streams the tensors into an atomic output folder, and finishes with the side files,
+a provenance record and a model card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import engine, hub, ops, provenance
+from .checkpoint import DEFAULT_MAX_SHARD, Checkpoint, CheckpointWriter, copy_side_files
+from .errors import ConfigError
+from .output import atomic_folder, check_output
+from .plan import Item, Plan, Selection, parse_dtype, plan_apply, plan_extract
+
+log = logging.getLogger(__name__)
+
+# progress(total_bytes, total_tensors) -> per-block callback; supplied by the CLI.
+ProgressFactory = Callable[[int, int], engine.ProgressFn]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Settings shared by every operation; validated before any input is opened."""
+
+    dtype: str = "auto"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    device: str = "auto"
+    overwrite: bool = False
+    allow_vocab_mismatch: bool = False
+    max_shard_size: int = DEFAULT_MAX_SHARD
+    block_bytes: int = engine.DEFAULT_BLOCK_BYTES
+    full_hash: bool = False
+    command: str = ""
+
+    def __post_init__(self):
+        parse_dtype(self.dtype)
+        self.selection  # compiles the regexes
+        try:
+            engine.resolve_device(self.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.max_shard_size <= 0 or self.block_bytes <= 0:
+            raise ConfigError("--max-shard-size and the block size must be positive")
+
+    @property
+    def selection(self) -> Selection:
+        return Selection(tuple(self.include), tuple(self.exclude))
+
+    @property
+    def out_dtype(self) -> torch.dtype | None:
+        return parse_dtype(self.dtype)
+
+
+@dataclass
+class Result:
+    out: Path
+    tensors: int
+    computed: int
+    bytes_written: int
+    seconds: float
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+
+def extract(finetuned: str, base: str, out: str | Path, options: Options = Options(),
+            progress: ProgressFactory | None = None) -> Result:
+    """Write the task vector `finetuned − base` (the reasoning vector: GRPO − SFT)."""
+    out = check_output(Path(out), _local(finetuned, base), options.overwrite)
+    sources = {"finetuned": hub.resolve(finetuned), "base": hub.resolve(base)}
+    with _opened(sources) as ckpts:
+        plan = plan_extract(ckpts["finetuned"], ckpts["base"], options.selection,
+                            options.out_dtype, options.allow_vocab_mismatch)
+        return _execute(
+            "vector", "finetuned − base", sources, ckpts, plan,
+            lambda item, x: ops.task_vector(x["finetuned"], x["base"]),
+            out, options, progress, side_from=sources["finetuned"].path,
+            side_names=("config.json",), tags=["task-vector"],
+            extra={"excluded": plan.excluded})
+
+
+def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
+          options: Options = Options(), progress: ProgressFactory | None = None,
+          subtract: bool = False) -> Result:
+    """Write `target + alpha·vector` (or `target − alpha·vector` with subtract=True)."""
+    if not math.isfinite(alpha):
+        raise ConfigError(f"--alpha {alpha}: must be a finite number")
+    out = check_output(Path(out), _local(target, vector), options.overwrite)
+    sources = {"target": hub.resolve(target), "vector": hub.resolve(vector)}
+    coef = -alpha if subtract else alpha
+    with _opened(sources) as ckpts:
+        record = provenance.read_record(sources["vector"].path)
+        plan = plan_apply(ckpts["target"], ckpts["vector"], options.selection, options.out_dtype,
+                          options.allow_vocab_mismatch, frozenset(record.get("excluded", ())))
+        sign = "−" if subtract else "+"
+        return _execute(
+            "model", f"target {sign} {alpha:g}·vector", sources, ckpts, plan,
+            lambda item, x: ops.apply_vector(x["target"], x["vector"], coef),
+            out, options, progress, side_from=sources["target"].path, side_names=None,
+            tags=["task-arithmetic", "reasoning-vector"], extra={"alpha": coef})
+
+
+def _local(*specs: str) -> list[Path]:
+    return [Path(s).expanduser() for s in specs if Path(s).expanduser().exists()]
+
+
+@contextlib.contextmanager
+def _opened(sources: dict[str, hub.Source]):
+    ckpts: dict[str, Checkpoint] = {}
+    try:
+        for role, src in sources.items():
+            ckpts[role] = Checkpoint.open(src.path)
+        yield ckpts
+    finally:
+        for c in ckpts.values():
+            c.close()
+
+
+def _execute(kind: str, formula: str, sources: dict[str, hub.Source],
+             ckpts: dict[str, Checkpoint], plan: Plan, fn: engine.ComputeFn, out: Path,
+             options: Options, progress: ProgressFactory | None, *, side_from: Path,
+             side_names: tuple[str, ...] | None, tags: list[str], extra: dict) -> Result:
+    for note in plan.notes:
+        log.warning(note)
+    device = engine.resolve_device(options.device)
+    start = time.perf_counter()
+    entries = [(i.name, i.dtype, i.shape) for i in plan.items]
+    with atomic_folder(out) as tmp:
+        writer = CheckpointWriter(tmp, entries, options.max_shard_size,
+                                  metadata={"mergekit_rl": kind})
+        try:
+            total = writer.total_size
+            callback = progress(total, len(plan.items)) if progress else None
+            engine.run(plan.items, ckpts, fn, writer, device, block_bytes=options.block_bytes,
+                       progress=callback)
+            writer.finish()
+        finally:
+            writer.close()
+        names = side_names if side_names is not None else ()
+        dtype = options.out_dtype if kind == "model" else None
+        if side_names is None:
+            copy_side_files(side_from, tmp, dtype=dtype)
+        else:
+            copy_side_files(side_from, tmp, names=names)
+        record = provenance.build_record(
+            kind, formula,
+            [provenance.input_record(role, sources[role], ckpts[role], options.full_hash)
+             for role in sources],
+            command=options.command, out_dtype=_dtype_label(plan.items),
+            selection={"include": list(options.include), "exclude": list(options.exclude)},
+            notes=plan.notes, extra=extra)
+        provenance.write_record(tmp, record)
+        provenance.write_card(tmp, record, tags)
+    return Result(out, len(plan.items), plan.computed, total, time.perf_counter() - start,
+                  str(device), plan.notes)
+
+
+def _dtype_label(items: list[Item]) -> str:
+    kinds = sorted({str(i.dtype).removeprefix("torch.") for i in items if i.dtype.is_floating_point})
+    return "/".join(kinds) or "none"

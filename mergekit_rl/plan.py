@@ -1,0 +1,263 @@
+"""Plan an operation from checkpoint headers alone, before any tensor data is read.
+
+A plan is the list of output tensors, each saying which input tensors it is computed from (or
+copied from), its output shape and dtype. Every mismatch between inputs (missing or extra tensors,
+shape or dtype-kind differences, vocabulary rows) is found here and reported in one error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import ConfigError, MismatchError
+
+log = logging.getLogger(__name__)
+
+LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight",
+                  "word_embeddings.weight", "tok_embeddings.weight")
+MAX_LISTED = 8
+
+
+@dataclass(frozen=True)
+class Item:
+    """One output tensor.
+
+    `sources` are (role, tensor name) pairs read for the computation. Rows [0, common_rows) are
+    computed; with a vocabulary mismatch the remaining rows are copied from `copy_from`. An item
+    with no sources is a plain copy of `copy_from` (integer tensors, tensors outside the mask).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    sources: tuple[tuple[str, str], ...] = ()
+    copy_from: tuple[str, str] | None = None
+    common_rows: int | None = None
+
+    @property
+    def is_copy(self) -> bool:
+        return not self.sources
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Plan:
+    items: list[Item]
+    notes: list[str] = field(default_factory=list)  # things the user should be told
+    excluded: list[str] = field(default_factory=list)  # float tensors left out by the mask
+
+    @property
+    def computed(self) -> int:
+        return sum(not i.is_copy for i in self.items)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The paper's mask m as name regexes: a tensor takes part unless excluded (re.search)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for flag, patterns in (("--include", self.include), ("--exclude", self.exclude)):
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    raise ConfigError(f"{flag} {p!r}: invalid regular expression ({e})") from None
+
+    def selects(self, name: str) -> bool:
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+
+def parse_dtype(text: str) -> torch.dtype | None:
+    """'auto' → None; 'float32' / 'bfloat16' / 'float16' (and fp32/bf16/fp16) → dtype."""
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if text == "auto":
+        return None
+    if text not in names:
+        raise ConfigError(f"dtype {text!r}: expected auto, float32, bfloat16 or float16")
+    return names[text]
+
+
+def lm_head_name(ckpt: Checkpoint) -> str | None:
+    return next((n for n in LM_HEAD_NAMES if n in ckpt), None)
+
+
+def embed_name(ckpt: Checkpoint) -> str | None:
+    return next((n for n in ckpt.tensors if n.endswith(EMBED_SUFFIXES)), None)
+
+
+def is_tied(ckpt: Checkpoint) -> bool:
+    """Tied when the file has no lm_head, or the config says so (the shared matrix is the embedding)."""
+    if embed_name(ckpt) is None:
+        return False
+    return lm_head_name(ckpt) is None or bool(ckpt.config().get("tie_word_embeddings", False))
+
+
+def _is_vocab_tensor(name: str) -> bool:
+    return name in LM_HEAD_NAMES or name.endswith(EMBED_SUFFIXES)
+
+
+class _Problems:
+    """Collects mismatches so the user gets all of them in one message."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.missing: list[str] = []
+        self.extra: list[str] = []
+        self.other: list[str] = []
+
+    def raise_if_any(self) -> None:
+        parts = []
+        for label, names in (("missing", self.missing), ("unexpected", self.extra)):
+            if names:
+                shown = ", ".join(names[:MAX_LISTED])
+                more = f" (+{len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else ""
+                parts.append(f"{len(names)} {label}: {shown}{more}")
+        parts += self.other[:MAX_LISTED]
+        if parts:
+            raise MismatchError(f"{self.what}: " + "; ".join(parts))
+
+
+def _common_rows(a: TensorInfo, b: TensorInfo, allow_vocab: bool, problems: _Problems,
+                 a_label: str, b_label: str) -> int | None:
+    """Rows to combine: None when shapes match, else the common block for vocabulary tensors."""
+    if a.shape == b.shape:
+        return None
+    if (_is_vocab_tensor(a.name) and len(a.shape) == 2 and len(b.shape) == 2
+            and a.shape[1:] == b.shape[1:]):
+        if allow_vocab:
+            return min(a.shape[0], b.shape[0])
+        problems.other.append(
+            f"{a.name} has {a.shape[0]} vocabulary rows in {a_label} but {b.shape[0]} in "
+            f"{b_label} (pass --allow-vocab-mismatch to combine the common rows)")
+        return None
+    problems.other.append(f"{a.name} has shape {list(a.shape)} in {a_label} but "
+                          f"{list(b.shape)} in {b_label}")
+    return None
+
+
+def _kind_mismatch(a: TensorInfo, b: TensorInfo, problems: _Problems, a_label: str,
+                   b_label: str) -> bool:
+    if a.is_float != b.is_float:
+        problems.other.append(f"{a.name} is {a.dtype} in {a_label} but {b.dtype} in {b_label}")
+        return True
+    return False
+
+
+def plan_extract(finetuned: Checkpoint, base: Checkpoint, selection: Selection,
+                 out_dtype: torch.dtype | None, allow_vocab: bool = False) -> Plan:
+    """Vector = finetuned − base over the selected floating-point tensors."""
+    dtype = out_dtype or torch.float32
+    problems = _Problems(f"cannot extract {finetuned.path} − {base.path}")
+    notes: list[str] = []
+    items: list[Item] = []
+    ft_head, base_head = lm_head_name(finetuned), lm_head_name(base)
+    ft_emb, base_emb = embed_name(finetuned), embed_name(base)
+    alias = {}  # finetuned name → base name when one side ties lm_head to the embedding
+    if ft_head and not base_head and base_emb:
+        alias[ft_head] = base_emb
+        notes.append(f"{base.path} ties {ft_head} to {base_emb}: vector {ft_head} = "
+                     f"finetuned {ft_head} − base {base_emb}")
+    for name in sorted(set(base.tensors) - set(finetuned.tensors)):
+        if name == base_head and not ft_head and ft_emb:
+            notes.append(f"{finetuned.path} ties {base_head}: the vector has no {base_head}; "
+                         f"its {ft_emb} delta applies to both")
+        elif base.tensors[name].is_float:
+            problems.missing.append(name)
+    excluded = []
+    for name, info in finetuned.tensors.items():
+        src = alias.get(name, name)
+        if src not in base:
+            if info.is_float:
+                problems.extra.append(name)
+            continue
+        b = base.tensors[src]
+        if _kind_mismatch(info, b, problems, "finetuned", "base") or not info.is_float:
+            continue  # integer tensors are not task-vector material
+        if not selection.selects(name):
+            excluded.append(name)
+            continue
+        rows = _common_rows(info, b, allow_vocab, problems, "finetuned", "base")
+        shape = info.shape if rows is None else (rows,) + info.shape[1:]
+        if rows is not None:
+            notes.append(f"{name}: vocabularies differ ({info.shape[0]} vs {b.shape[0]} rows); "
+                         f"the vector covers the common {rows} rows")
+        items.append(Item(name, shape, dtype, (("finetuned", name), ("base", src)),
+                          common_rows=rows))
+    problems.raise_if_any()
+    if not items:
+        raise MismatchError(f"{finetuned.path}: no floating-point tensor is selected; "
+                            "check --include/--exclude")
+    return Plan(items, notes, excluded)
+
+
+def plan_apply(target: Checkpoint, vector: Checkpoint, selection: Selection,
+               out_dtype: torch.dtype | None, allow_vocab: bool = False,
+               vector_excluded: frozenset[str] = frozenset()) -> Plan:
+    """Output = target + α·vector; the output has exactly the target's tensors, in its order."""
+    problems = _Problems(f"cannot apply vector {vector.path} to {target.path}")
+    notes: list[str] = []
+    items: list[Item] = []
+    used: set[str] = set()
+    t_head, v_head, v_emb = lm_head_name(target), lm_head_name(vector), embed_name(vector)
+    target_tied = is_tied(target)
+    for name, info in target.tensors.items():
+        dtype = info.dtype if (out_dtype is None or not info.is_float) else out_dtype
+        copy = Item(name, info.shape, dtype, copy_from=("target", name))
+        src = name
+        if name == t_head and target_tied and v_emb:
+            src = v_emb  # the shared matrix changes once: by the embedding delta
+        elif name == t_head and name not in vector and v_emb:
+            src = v_emb
+            notes.append(f"the vector has no {name} (it came from a tied pair): applying its "
+                         f"{v_emb} delta to {name} too")
+        if not info.is_float:
+            if src in vector:
+                used.add(src)
+                _kind_mismatch(info, vector.tensors[src], problems, "target", "vector")
+            items.append(copy)
+            continue
+        if not selection.selects(name):
+            used.add(src)
+            items.append(copy)
+            continue
+        if src not in vector:
+            if name in vector_excluded:
+                items.append(copy)  # masked out when the vector was extracted
+            else:
+                problems.missing.append(name)
+            continue
+        used.add(src)
+        v = vector.tensors[src]
+        if _kind_mismatch(info, v, problems, "target", "vector"):
+            continue
+        rows = _common_rows(info, v, allow_vocab, problems, "target", "vector")
+        if rows is not None and rows < info.shape[0]:
+            notes.append(f"{name}: target has {info.shape[0]} rows, vector {v.shape[0]}; rows "
+                         f"{rows}..{info.shape[0] - 1} are kept from the target")
+        items.append(Item(name, info.shape, dtype, (("target", name), ("vector", src)),
+                          copy_from=("target", name), common_rows=rows))
+    if target_tied and v_head and v_head not in target:
+        used.add(v_head)
+        notes.append(f"{target.path} ties {v_head} to the embeddings: using the vector's "
+                     f"embedding delta once and ignoring its {v_head}")
+    problems.extra += sorted(set(vector.tensors) - used)
+    problems.raise_if_any()
+    return Plan(items, notes)
