@@ -366,7 +366,7 @@ class CheckpointWriter:
             raise ValueError(f"internal: {name} planned {dtype}{shape}, got "
                              f"{tensor.dtype}{tuple(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        row_bytes = nbytes // shape[0] if shape else 0
+        row_bytes = nbytes // shape[0] if shape and shape[0] else 0
         offset += row_start * row_bytes
         view = memoryview(data).cast("B")
         done = 0

@@ -111,7 +111,24 @@ def _options(**kw):
                    exclude=tuple(kw["exclude"]), device=kw["device"],
                    overwrite=kw["overwrite"], allow_vocab_mismatch=kw["allow_vocab_mismatch"],
                    max_shard_size=shard, full_hash=kw["full_hash"],
-                   command="mergekit-rl " + shlex.join(sys.argv[1:]))
+                   command=_command_line())
+
+
+def _command_line() -> str:
+    """The invoked command in canonical form (arguments, then options that differ from their
+    defaults), for provenance and model cards."""
+    ctx = click.get_current_context()
+    words = ctx.command_path.split()
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif value not in (param.default, None, ()) and not (param.is_flag and not value):
+            flag = max(param.opts, key=len)
+            values = value if param.multiple else [value]
+            for v in values:
+                words += [flag] if param.is_flag else [flag, str(v)]
+    return shlex.join(words)
 
 
 def _summary(result, quiet: bool, what: str) -> None:
@@ -122,7 +139,7 @@ def _summary(result, quiet: bool, what: str) -> None:
                f"{gb:.3g} GB in {result.seconds:.1f}s on {result.device} → {result.out}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="mergekit-rl", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergekit-rl")
 def main():
     """Move abilities between language models by weight arithmetic.

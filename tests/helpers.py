@@ -1,0 +1,61 @@
+"""Test helpers: an independent reference reader and a directory fingerprint.
+
+`load_state` deliberately uses `safetensors.torch.load_file` rather than the project's own
+reader, so tests compare the tool against something it does not share code with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def snapshot(path: Path) -> dict[str, tuple[str, int]]:
+    """Fingerprint every file under `path`: relative path -> (sha256 hex, mtime_ns).
+
+    Compare two snapshots taken before and after an operation to prove it left inputs alone.
+    """
+    root = Path(path)
+    result = {}
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        result[file.relative_to(root).as_posix()] = (digest, file.stat().st_mtime_ns)
+    return result
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, from its index if it has one."""
+    root = Path(path)
+    if (root / INDEX_NAME).is_file():
+        weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
+        return [root / name for name in sorted(set(weight_map.values()))]
+    if (root / SINGLE_NAME).is_file():
+        return [root / SINGLE_NAME]
+    raise FileNotFoundError(f"no {INDEX_NAME} or {SINGLE_NAME} in {root}")
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (single file or sharded with an index)."""
+    state: dict[str, torch.Tensor] = {}
+    root = Path(path)
+    weight_map = None
+    if (root / INDEX_NAME).is_file():
+        weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
+    for file in shard_files(root):
+        tensors = load_file(file)
+        for name, tensor in tensors.items():
+            if name in state:
+                raise ValueError(f"tensor {name} appears in more than one shard of {root}")
+            if weight_map is not None and weight_map.get(name) != file.name:
+                raise ValueError(f"tensor {name} is in {file.name} but the index says otherwise")
+            state[name] = tensor
+    if weight_map is not None and set(weight_map) != set(state):
+        raise ValueError(f"index of {root} and its shards list different tensors")
+    return state
