@@ -69,11 +69,13 @@ def _progress_factory(quiet: bool):
     return factory
 
 
-def common_options(fn):
+def common_options(fn, out_required: bool = True):
     """Options shared by the commands that write a checkpoint."""
     opts = [
-        click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
-                     help="Output folder (written atomically)."),
+        click.option("-o", "--out", "out", required=out_required,
+                     type=click.Path(path_type=Path),
+                     help="Output folder (written atomically)."
+                     + ("" if out_required else " Default: the manifest's output.path.")),
         click.option("--dtype", default="auto", show_default=True,
                      type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      help="Output dtype: auto = the target's for models, float32 for vectors."),
@@ -194,6 +196,35 @@ for _name, _sub, _doc in (
     _cmd = click.argument("vector")(_cmd)
     _cmd = click.argument("target")(_cmd)
     main.command(name=_name)(_cmd)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a manifest value, e.g. --set terms.0.weight=0.5 (repeatable).")
+@functools.partial(common_options, out_required=False)
+@_errors_to_exit
+def merge(manifest, dry_run, overrides, **kw):
+    """Merge as MANIFEST says: our schema or a mergekit config (task_arithmetic, ties,
+    dare_linear, dare_ties, breadcrumbs, linear), in one streaming pass.
+
+    The paper's recipe `instruct + 1.0·(GRPO − SFT)` is one term `{plus: GRPO, minus: SFT}`:
+    no intermediate vector on disk. See manifests/ for examples.
+    """
+    from . import manifest as manifest_mod
+    from .merge import dry_run as plan_only
+    from .merge import run_merge
+
+    _setup_logging(kw["quiet"])
+    m = manifest_mod.load(manifest, list(overrides))
+    options = _options(**kw)
+    if dry_run:
+        for line in plan_only(m, options):
+            click.echo(line)
+        return
+    result = run_merge(m, kw["out"], options, _progress_factory(kw["quiet"]))
+    _summary(result, kw["quiet"], "merge")
 
 
 @main.command()

@@ -79,10 +79,10 @@ def extract(finetuned: str, base: str, out: str | Path, options: Options = Optio
     """Write the task vector `finetuned − base` (the reasoning vector: GRPO − SFT)."""
     out = check_output(Path(out), _local(finetuned, base), options.overwrite)
     sources = {"finetuned": hub.resolve(finetuned), "base": hub.resolve(base)}
-    with _opened(sources) as ckpts:
+    with opened(sources) as ckpts:
         plan = plan_extract(ckpts["finetuned"], ckpts["base"], options.selection,
                             options.out_dtype, options.allow_vocab_mismatch)
-        return _execute(
+        return execute(
             "vector", "finetuned − base", sources, ckpts, plan,
             lambda item, x: ops.task_vector(x["finetuned"], x["base"]),
             out, options, progress, side_from=sources["finetuned"].path,
@@ -99,12 +99,12 @@ def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
     out = check_output(Path(out), _local(target, vector), options.overwrite)
     sources = {"target": hub.resolve(target), "vector": hub.resolve(vector)}
     coef = -alpha if subtract else alpha
-    with _opened(sources) as ckpts:
+    with opened(sources) as ckpts:
         record = provenance.read_record(sources["vector"].path)
         plan = plan_apply(ckpts["target"], ckpts["vector"], options.selection, options.out_dtype,
                           options.allow_vocab_mismatch, frozenset(record.get("excluded", ())))
         sign = "−" if subtract else "+"
-        return _execute(
+        return execute(
             "model", f"target {sign} {alpha:g}·vector", sources, ckpts, plan,
             lambda item, x: ops.apply_vector(x["target"], x["vector"], coef),
             out, options, progress, side_from=sources["target"].path, side_names=None,
@@ -116,7 +116,7 @@ def _local(*specs: str) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _opened(sources: dict[str, hub.Source]):
+def opened(sources: dict[str, hub.Source]):
     ckpts: dict[str, Checkpoint] = {}
     try:
         for role, src in sources.items():
@@ -127,10 +127,13 @@ def _opened(sources: dict[str, hub.Source]):
             c.close()
 
 
-def _execute(kind: str, formula: str, sources: dict[str, hub.Source],
+def execute(kind: str, formula: str, sources: dict[str, hub.Source],
              ckpts: dict[str, Checkpoint], plan: Plan, fn: engine.ComputeFn, out: Path,
              options: Options, progress: ProgressFactory | None, *, side_from: Path,
-             side_names: tuple[str, ...] | None, tags: list[str], extra: dict) -> Result:
+             side_names: tuple[str, ...] | None, tags: list[str], extra: dict,
+             whole_tensors: bool = False, finalize: Callable[[Path], None] | None = None
+             ) -> Result:
+    """Stream a plan into an atomic output folder, then add side files, provenance and card."""
     for note in plan.notes:
         log.warning(note)
     device = engine.resolve_device(options.device)
@@ -143,7 +146,7 @@ def _execute(kind: str, formula: str, sources: dict[str, hub.Source],
             total = writer.total_size
             callback = progress(total, len(plan.items)) if progress else None
             engine.run(plan.items, ckpts, fn, writer, device, block_bytes=options.block_bytes,
-                       progress=callback)
+                       whole_tensors=whole_tensors, progress=callback)
             writer.finish()
         finally:
             writer.close()
@@ -162,6 +165,8 @@ def _execute(kind: str, formula: str, sources: dict[str, hub.Source],
             notes=plan.notes, extra=extra)
         provenance.write_record(tmp, record)
         provenance.write_card(tmp, record, tags)
+        if finalize:
+            finalize(tmp)
     return Result(out, len(plan.items), plan.computed, total, time.perf_counter() - start,
                   str(device), plan.notes)
 

@@ -212,52 +212,79 @@ def plan_apply(target: Checkpoint, vector: Checkpoint, selection: Selection,
                out_dtype: torch.dtype | None, allow_vocab: bool = False,
                vector_excluded: frozenset[str] = frozenset()) -> Plan:
     """Output = target + α·vector; the output has exactly the target's tensors, in its order."""
-    problems = _Problems(f"cannot apply vector {vector.path} to {target.path}")
+    return plan_combine(target, {"vector": vector}, selection, out_dtype, allow_vocab,
+                        {"vector": vector_excluded},
+                        what=f"cannot apply vector {vector.path} to {target.path}")
+
+
+def plan_combine(target: Checkpoint, inputs: dict[str, Checkpoint], selection: Selection,
+                 out_dtype: torch.dtype | None, allow_vocab: bool = False,
+                 excluded: dict[str, frozenset[str]] | None = None, what: str = "") -> Plan:
+    """Output tensors = the target's, each computed from the target and the same tensor of every
+    input (vectors or models). Tensors outside the mask and integer tensors are copied; a vector
+    that lacks a tensor because it was masked out at extraction does not take part in it."""
+    problems = _Problems(what or f"cannot combine {', '.join(str(c.path) for c in inputs.values())}"
+                         f" with {target.path}")
+    excluded = excluded or {}
+    many = len(inputs) > 1
     notes: list[str] = []
     items: list[Item] = []
-    used: set[str] = set()
-    t_head, v_head, v_emb = lm_head_name(target), lm_head_name(vector), embed_name(vector)
-    target_tied = is_tied(target)
+    used: dict[str, set[str]] = {role: set() for role in inputs}
+    t_head, target_tied = lm_head_name(target), is_tied(target)
+    heads = {role: (lm_head_name(c), embed_name(c)) for role, c in inputs.items()}
+
+    def source_name(role: str, name: str) -> str:
+        ckpt, (head, emb) = inputs[role], heads[role]
+        if name == t_head and emb and (target_tied or name not in ckpt):
+            if not target_tied:
+                notes.append(f"{ckpt.path} has no {name} (tied): applying its {emb} to {name} "
+                             "too" if many else f"the vector has no {name} (it came from a tied "
+                             f"pair): applying its {emb} delta to {name} too")
+            return emb  # the shared matrix changes once: by the embedding
+        return name
+
     for name, info in target.tensors.items():
         dtype = info.dtype if (out_dtype is None or not info.is_float) else out_dtype
         copy = Item(name, info.shape, dtype, copy_from=("target", name))
-        src = name
-        if name == t_head and target_tied and v_emb:
-            src = v_emb  # the shared matrix changes once: by the embedding delta
-        elif name == t_head and name not in vector and v_emb:
-            src = v_emb
-            notes.append(f"the vector has no {name} (it came from a tied pair): applying its "
-                         f"{v_emb} delta to {name} too")
-        if not info.is_float:
-            if src in vector:
-                used.add(src)
-                _kind_mismatch(info, vector.tensors[src], problems, "target", "vector")
+        srcs = {role: source_name(role, name) for role in inputs}
+        if not info.is_float or not selection.selects(name):
+            for role, src in srcs.items():
+                if src in inputs[role]:
+                    used[role].add(src)
+                    if not info.is_float:
+                        _kind_mismatch(info, inputs[role].tensors[src], problems, "target", role)
             items.append(copy)
             continue
-        if not selection.selects(name):
-            used.add(src)
+        present, rows = [], None
+        for role, src in srcs.items():
+            if src not in inputs[role]:
+                if name not in excluded.get(role, ()):
+                    problems.missing.append(f"{name} (in {role})" if many else name)
+                continue
+            used[role].add(src)
+            other = inputs[role].tensors[src]
+            if _kind_mismatch(info, other, problems, "target", role):
+                continue
+            r = _common_rows(info, other, allow_vocab, problems, "target", role)
+            if r is not None:
+                rows = r if rows is None else min(rows, r)
+            present.append((role, src))
+        if not present:
             items.append(copy)
             continue
-        if src not in vector:
-            if name in vector_excluded:
-                items.append(copy)  # masked out when the vector was extracted
-            else:
-                problems.missing.append(name)
-            continue
-        used.add(src)
-        v = vector.tensors[src]
-        if _kind_mismatch(info, v, problems, "target", "vector"):
-            continue
-        rows = _common_rows(info, v, allow_vocab, problems, "target", "vector")
         if rows is not None and rows < info.shape[0]:
-            notes.append(f"{name}: target has {info.shape[0]} rows, vector {v.shape[0]}; rows "
+            notes.append(f"{name}: target has {info.shape[0]} rows, the inputs {rows}; rows "
                          f"{rows}..{info.shape[0] - 1} are kept from the target")
-        items.append(Item(name, info.shape, dtype, (("target", name), ("vector", src)),
+        items.append(Item(name, info.shape, dtype, (("target", name), *present),
                           copy_from=("target", name), common_rows=rows))
-    if target_tied and v_head and v_head not in target:
-        used.add(v_head)
-        notes.append(f"{target.path} ties {v_head} to the embeddings: using the vector's "
-                     f"embedding delta once and ignoring its {v_head}")
-    problems.extra += sorted(set(vector.tensors) - used)
+    for role, (head, _) in heads.items():
+        if target_tied and head and head not in target:
+            used[role].add(head)
+            notes.append(f"{target.path} ties {head} to the embeddings: using the "
+                         f"{role}'s embedding delta once and ignoring its {head}"
+                         if many else f"{target.path} ties {head} to the embeddings: using the "
+                         f"vector's embedding delta once and ignoring its {head}")
+        extra = sorted(set(inputs[role].tensors) - used[role])
+        problems.extra += [f"{n} (in {role})" if many else n for n in extra]
     problems.raise_if_any()
-    return Plan(items, notes)
+    return Plan(items, list(dict.fromkeys(notes)))

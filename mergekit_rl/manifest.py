@@ -1,0 +1,389 @@
+"""Merge manifests: our schema, or a mergekit config accepted as is (detected by `merge_method`).
+
+Everything is validated before any tensor is opened. Errors name the manifest file, the key path
+and what was expected; unknown keys are errors; relative paths resolve against the manifest's
+folder. Our schema (see manifests/*.yaml):
+
+    output: {path: ./out, dtype: auto|float32|bfloat16|float16, max_shard_size: 5GB}
+    target: MODEL                      # or `base:`; the model the terms are added to
+    method: task_arithmetic | ties | dare_linear | dare_ties | breadcrumbs | breadcrumbs_ties | linear
+    parameters: {lambda: 1.0, normalize: false, density: 1.0, seed: 0, gamma: 0.01}
+    terms:
+      - {vector: VECTOR_DIR, weight: 1.0}
+      - {plus: GRPO, minus: SFT, weight: 1.0, density: 0.5}   # delta computed on the fly
+      - {model: OTHER, weight: 0.5}                           # delta = OTHER − target
+    include: [REGEX], exclude: [REGEX]  # the mask m
+    tokenizer_source: target | MODEL
+    push: {repo_id: org/name, private: true}
+
+A parameter (weight, density, lambda, ...) is a number, a list of numbers interpolated across
+layers (mergekit's gradient: layer i of L sits at t = i/(L−1); embeddings at 0, the final norm
+and lm_head at 1), or a list of `{match: REGEX, value: ...}` / `{filter: SUBSTRING, value: ...}`
+of which the first that matches the tensor name applies.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .hub import split_hub_id
+from .plan import parse_dtype
+
+METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+           "breadcrumbs_ties", "linear")
+MERGEKIT_METHODS = METHODS
+GLOBAL_PARAMS = ("lambda", "normalize", "density", "seed", "gamma", "weight", "rescale")
+TERM_PARAMS = ("weight", "density", "gamma")
+
+
+@dataclass(frozen=True)
+class Cond:
+    value: Any
+    match: str | None = None    # regex (re.search)
+    filter: str | None = None   # mergekit: substring, or None / "*" for every tensor
+
+    def applies(self, name: str) -> bool:
+        if self.match is not None:
+            return re.search(self.match, name) is not None
+        return self.filter in (None, "*") or self.filter in name
+
+
+def evaluate(setting: Any, name: str, t: float) -> Any:
+    """Value of a parameter setting for tensor `name` at layer position t ∈ [0, 1]; None when
+    no condition applies (the caller then falls back to the next level)."""
+    if isinstance(setting, list) and setting and isinstance(setting[0], Cond):
+        for cond in setting:
+            if cond.applies(name):
+                return evaluate(cond.value, name, t)
+        return None
+    if isinstance(setting, list):
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    return setting
+
+
+@dataclass(frozen=True)
+class Term:
+    kind: str                    # "vector" | "pair" | "model"
+    inputs: tuple[str, ...]      # vector: (V,); pair: (plus, minus); model: (M,)
+    params: dict = field(default_factory=dict)  # weight/density/gamma settings
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source: Path | None
+    target: str
+    method: str
+    terms: tuple[Term, ...]
+    params: dict
+    out_path: Path | None = None
+    out_dtype: str = "auto"
+    max_shard_size: str = "5GB"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    tokenizer_source: str | None = None
+    push: dict | None = None
+    style: str = "mergekit_rl"   # or "mergekit"
+
+    def term_param(self, term: Term, key: str, name: str, t: float, default: Any) -> Any:
+        """Term-level setting, then the global one, then the default (mergekit's order)."""
+        for setting in (term.params.get(key), self.params.get(key)):
+            if setting is not None:
+                value = evaluate(setting, name, t)
+                if value is not None:
+                    return value
+        return default
+
+    def global_param(self, key: str, name: str, t: float, default: Any) -> Any:
+        setting = self.params.get(key)
+        value = evaluate(setting, name, t) if setting is not None else None
+        return default if value is None else value
+
+
+class _Checker:
+    """Validation with errors that name the file, the key path and what was expected."""
+
+    def __init__(self, source: Path | None):
+        self.source = source
+        self.folder = source.parent if source else Path.cwd()
+
+    def fail(self, path: str, msg: str):
+        where = f"{self.source}: " if self.source else ""
+        raise ConfigError(f"{where}{path}: {msg}")
+
+    def mapping(self, value: Any, path: str, allowed: tuple[str, ...],
+                required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in allowed:
+                self.fail(f"{path}.{key}" if path else str(key),
+                          f"unknown key; expected one of {', '.join(allowed)}")
+        for key in required:
+            if key not in value:
+                self.fail(path or "manifest", f"missing required key {key!r}")
+        return value
+
+    def model_ref(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(path, "expected a model folder or Hub id (org/name[@revision])")
+        local = (self.folder / value).expanduser() if not Path(value).is_absolute() else Path(value)
+        if local.exists() or value.startswith((".", "/", "~")) or split_hub_id(value) is None:
+            return str(local.resolve())
+        return value
+
+    def number(self, value: Any, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(path, f"expected a number, got {value!r}")
+        return float(value)
+
+    def setting(self, value: Any, path: str, kind: str = "number") -> Any:
+        """A scalar, a gradient list, or a list of {match|filter, value} conditions."""
+        check = (lambda v, p: self.number(v, p)) if kind == "number" else self.boolean
+        if isinstance(value, list):
+            if not value:
+                self.fail(path, "expected a non-empty list")
+            if all(isinstance(v, dict) for v in value):
+                conds = []
+                for i, c in enumerate(value):
+                    p = f"{path}[{i}]"
+                    self.mapping(c, p, ("match", "filter", "value"), ("value",))
+                    if "match" in c:
+                        try:
+                            re.compile(c["match"])
+                        except re.error as e:
+                            self.fail(f"{p}.match", f"invalid regular expression ({e})")
+                    conds.append(Cond(self.setting(c["value"], f"{p}.value", kind),
+                                      c.get("match"), c.get("filter")))
+                return conds
+            return [check(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return check(value, path)
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"expected true or false, got {value!r}")
+        return value
+
+    def params(self, raw: Any, path: str, allowed: tuple[str, ...]) -> dict:
+        out = {}
+        for key, value in self.mapping(raw or {}, path, allowed).items():
+            if key == "normalize" or key == "rescale":
+                out[key] = self.setting(value, f"{path}.{key}", "bool")
+            elif key == "seed":
+                if not isinstance(value, int) or isinstance(value, bool):
+                    self.fail(f"{path}.seed", "expected an integer")
+                out[key] = value
+            else:
+                out[key] = self.setting(value, f"{path}.{key}")
+        return out
+
+    def regexes(self, value: Any, path: str) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            self.fail(path, "expected a regex or a list of regexes")
+        for i, r in enumerate(items):
+            try:
+                re.compile(r)
+            except re.error as e:
+                self.fail(f"{path}[{i}]", f"invalid regular expression ({e})")
+        return tuple(items)
+
+    def dtype(self, value: Any, path: str) -> str:
+        try:
+            parse_dtype(str(value))
+        except ConfigError:
+            self.fail(path, f"expected auto, float32, bfloat16 or float16, got {value!r}")
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(value, value)
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Manifest:
+    """Read, override (`key.path=value`) and validate a manifest file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: manifest not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        raw = apply_override(raw, item, path)
+    return from_dict(raw, path)
+
+
+def apply_override(raw: Any, item: str, source: Path | None = None) -> Any:
+    """`--set terms.0.weight=0.5`: set a value (parsed as YAML) at a dotted key path."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    value = yaml.safe_load(text) if text else None
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not an index of "
+                                  f"a list of {len(node)} in {source}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping in {source}")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+    return raw
+
+
+def from_dict(raw: Any, source: Path | None = None) -> Manifest:
+    c = _Checker(source)
+    if not isinstance(raw, dict):
+        c.fail("manifest", "expected a YAML mapping at the top level")
+    if "merge_method" in raw:
+        return _from_mergekit(raw, c)
+    return _from_ours(raw, c)
+
+
+def _from_ours(raw: dict, c: _Checker) -> Manifest:
+    c.mapping(raw, "", ("output", "target", "base", "method", "parameters", "terms", "include",
+                        "exclude", "tokenizer_source", "push"), ("terms",))
+    if ("target" in raw) == ("base" in raw):
+        c.fail("target", "give exactly one of `target` or `base`")
+    target_key = "target" if "target" in raw else "base"
+    target = c.model_ref(raw[target_key], target_key)
+    method = raw.get("method", "task_arithmetic")
+    if method not in METHODS:
+        c.fail("method", f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    out = c.mapping(raw.get("output", {}), "output", ("path", "dtype", "max_shard_size"))
+    out_path = None
+    if "path" in out:
+        if not isinstance(out["path"], str):
+            c.fail("output.path", "expected a folder path")
+        out_path = (c.folder / out["path"]).expanduser().resolve()
+    terms = []
+    if not isinstance(raw["terms"], list) or not raw["terms"]:
+        c.fail("terms", "expected a non-empty list of terms")
+    for i, t in enumerate(raw["terms"]):
+        p = f"terms[{i}]"
+        c.mapping(t, p, ("vector", "plus", "minus", "model") + TERM_PARAMS)
+        kinds = [k for k in ("vector", "model") if k in t] + (["pair"] if "plus" in t or
+                                                                "minus" in t else [])
+        if len(kinds) != 1:
+            c.fail(p, "give exactly one of `vector`, `model`, or `plus` with `minus`")
+        if kinds[0] == "pair":
+            if "plus" not in t or "minus" not in t:
+                c.fail(p, "a pair needs both `plus` and `minus`")
+            inputs = (c.model_ref(t["plus"], f"{p}.plus"), c.model_ref(t["minus"], f"{p}.minus"))
+        else:
+            inputs = (c.model_ref(t[kinds[0]], f"{p}.{kinds[0]}"),)
+        params = c.params({k: v for k, v in t.items() if k in TERM_PARAMS}, p, TERM_PARAMS)
+        if method == "linear" and kinds[0] != "model":
+            c.fail(p, "the linear method averages models: give `model:` terms")
+        terms.append(Term(kinds[0], inputs, params))
+    params = c.params(raw.get("parameters"), "parameters", GLOBAL_PARAMS)
+    push = raw.get("push")
+    if push is not None:
+        c.mapping(push, "push", ("repo_id", "private", "revision"), ("repo_id",))
+    tok = raw.get("tokenizer_source")
+    return Manifest(
+        source=c.source, target=target, method=method, terms=tuple(terms), params=params,
+        out_path=out_path, out_dtype=c.dtype(out.get("dtype", "auto"), "output.dtype"),
+        max_shard_size=str(out.get("max_shard_size", "5GB")),
+        include=c.regexes(raw.get("include", []), "include"),
+        exclude=c.regexes(raw.get("exclude", []), "exclude"),
+        tokenizer_source=None if tok in (None, "target", "base") else c.model_ref(
+            tok, "tokenizer_source"),
+        push=push)
+
+
+MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+                 "tokenizer_source", "name")
+MERGEKIT_UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template")
+
+
+def _from_mergekit(raw: dict, c: _Checker) -> Manifest:
+    for key in raw:
+        if key in MERGEKIT_UNSUPPORTED:
+            c.fail(key, "this mergekit feature is not supported by mergekit-rl; use `models:`")
+    c.mapping(raw, "", MERGEKIT_KEYS, ("merge_method", "models"))
+    method = raw["merge_method"]
+    if method not in MERGEKIT_METHODS:
+        c.fail("merge_method", f"{method!r} is not supported; supported: "
+                               f"{', '.join(MERGEKIT_METHODS)}")
+    base = raw.get("base_model")
+    if method != "linear" and not base:
+        c.fail("base_model", f"{method} needs a base_model")
+    base_ref = c.model_ref(base, "base_model") if base else None
+    if not isinstance(raw["models"], list) or not raw["models"]:
+        c.fail("models", "expected a non-empty list of {model, parameters}")
+    terms = []
+    for i, m in enumerate(raw["models"]):
+        p = f"models[{i}]"
+        c.mapping(m, p, ("model", "parameters"), ("model",))
+        ref = c.model_ref(m["model"], f"{p}.model")
+        params = c.params(m.get("parameters"), f"{p}.parameters", TERM_PARAMS)
+        if method != "linear" and ref == base_ref:
+            continue  # mergekit: the base model contributes no delta
+        if "weight" not in params and "weight" not in (raw.get("parameters") or {}):
+            c.fail(f"{p}.parameters.weight", "missing; mergekit requires a weight per model")
+        terms.append(Term("model", (ref,), params))
+    if method == "linear" and base_ref is None:
+        base_ref = terms[0].inputs[0]  # layout and side files come from the first model
+    for key in ("dtype", "out_dtype"):
+        if key in raw and raw[key] is not None:
+            c.dtype(raw[key], key)
+    # mergekit writes out_dtype, else dtype, else what the inputs are; we always compute in fp32.
+    out_dtype = raw.get("out_dtype") or raw.get("dtype") or "auto"
+    tok = raw.get("tokenizer_source")
+    if tok == "union":
+        c.fail("tokenizer_source", "'union' is not supported; use 'base' or a model")
+    return Manifest(
+        source=c.source, target=base_ref, method=method, terms=tuple(terms),
+        params=c.params(raw.get("parameters"), "parameters", GLOBAL_PARAMS),
+        out_dtype=c.dtype(out_dtype, "out_dtype"),
+        tokenizer_source=None if tok in (None, "base") else c.model_ref(tok, "tokenizer_source"),
+        style="mergekit")
+
+
+def to_dict(m: Manifest) -> dict:
+    """The resolved manifest in our schema (written to the output as merge.yaml)."""
+
+    def plain(v):
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, Cond):
+            d = {"match": v.match} if v.match is not None else {"filter": v.filter}
+            return {**d, "value": plain(v.value)}
+        return v
+
+    terms = []
+    for t in m.terms:
+        d = ({"vector": t.inputs[0]} if t.kind == "vector" else {"model": t.inputs[0]}
+             if t.kind == "model" else {"plus": t.inputs[0], "minus": t.inputs[1]})
+        d.update({k: plain(v) for k, v in t.params.items()})
+        terms.append(d)
+    output = {"dtype": m.out_dtype, "max_shard_size": m.max_shard_size}
+    if m.out_path:
+        output = {"path": str(m.out_path), **output}
+    out = {"output": output,
+           "target": m.target, "method": m.method,
+           "parameters": {k: plain(v) for k, v in m.params.items()}, "terms": terms}
+    if m.include:
+        out["include"] = list(m.include)
+    if m.exclude:
+        out["exclude"] = list(m.exclude)
+    if m.tokenizer_source:
+        out["tokenizer_source"] = m.tokenizer_source
+    if m.push:
+        out["push"] = m.push
+    return out
