@@ -94,6 +94,9 @@ def common_options(fn, out_required: bool = True):
                      help="Largest output shard, e.g. 500MB, 2GB."),
         click.option("--hash", "full_hash", is_flag=True,
                      help="Record the full sha256 of every input file (reads inputs twice)."),
+        click.option("--push-to-hub", metavar="REPO_ID",
+                     help="Upload the result to this Hub repo when done."),
+        click.option("--private", is_flag=True, help="Create the Hub repo as private."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
     ]
     for opt in reversed(opts):
@@ -133,12 +136,23 @@ def _command_line() -> str:
     return shlex.join(words)
 
 
-def _summary(result, quiet: bool, what: str) -> None:
-    if quiet:
-        return
-    gb = result.bytes_written / 1e9
-    click.echo(f"{what}: wrote {result.tensors} tensors ({result.computed} computed), "
-               f"{gb:.3g} GB in {result.seconds:.1f}s on {result.device} → {result.out}")
+def _summary(result, quiet: bool, what: str, push_to: str | None = None,
+             private: bool = False) -> None:
+    if not quiet:
+        gb = result.bytes_written / 1e9
+        click.echo(f"{what}: wrote {result.tensors} tensors ({result.computed} computed), "
+                   f"{gb:.3g} GB in {result.seconds:.1f}s on {result.device} → {result.out}")
+    if push_to:
+        _push(result.out, push_to, private=private)
+
+
+def _push(folder, repo_id, **kw) -> None:
+    from .hub import push
+
+    r = push(folder, repo_id, **kw)
+    if r.skipped:
+        click.echo(f"resumed: {len(r.skipped)} files were already on the Hub")
+    click.echo(f"pushed {folder} → {r.pr_url or r.commit_url}")
 
 
 @click.group(name="mergekit-rl", context_settings={"help_option_names": ["-h", "--help"]})
@@ -167,7 +181,7 @@ def extract(finetuned, base, **kw):
 
     _setup_logging(kw["quiet"])
     result = run(finetuned, base, kw["out"], _options(**kw), _progress_factory(kw["quiet"]))
-    _summary(result, kw["quiet"], "extract")
+    _summary(result, kw["quiet"], "extract", kw["push_to_hub"], kw["private"])
 
 
 def _apply_command(subtract: bool):
@@ -177,7 +191,8 @@ def _apply_command(subtract: bool):
         _setup_logging(kw["quiet"])
         result = run(target, vector, kw["out"], alpha, _options(**kw),
                      _progress_factory(kw["quiet"]), subtract=subtract)
-        _summary(result, kw["quiet"], "subtract" if subtract else "add")
+        _summary(result, kw["quiet"], "subtract" if subtract else "add", kw["push_to_hub"],
+                 kw["private"])
 
     return command
 
@@ -224,7 +239,31 @@ def merge(manifest, dry_run, overrides, **kw):
             click.echo(line)
         return
     result = run_merge(m, kw["out"], options, _progress_factory(kw["quiet"]))
-    _summary(result, kw["quiet"], "merge")
+    push = m.push or {}
+    _summary(result, kw["quiet"], "merge", kw["push_to_hub"] or push.get("repo_id"),
+             kw["private"] or bool(push.get("private", False)))
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", help="Branch to push to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@click.option("--commit-message", "-m", help="Commit message.")
+@click.option("--repo-type", default="model", show_default=True,
+              type=click.Choice(["model", "dataset"]))
+@_errors_to_exit
+def push(folder, repo_id, private, revision, create_pr, commit_message, repo_type):
+    """Upload FOLDER (a merge, vector or checkpoint) to the Hub repo REPO_ID.
+
+    The repo is created if needed. Folders over 50 GB go up in several commits, and a
+    rerun skips files the Hub already has. The token comes from HF_TOKEN or `hf auth login`
+    and is never printed.
+    """
+    _setup_logging(False)
+    _push(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+          commit_message=commit_message, repo_type=repo_type)
 
 
 @main.command()

@@ -94,3 +94,136 @@ def _download(spec: str, repo_id: str, revision: str | None) -> Source:
     except hf_errors.HfHubHTTPError as e:
         raise HubError(f"{repo_id}: Hub request failed ({e.__class__.__name__}: "
                        f"{str(e).splitlines()[0]})") from None
+
+
+# ---- publishing -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_url: str
+    commit_url: str
+    pr_url: str | None
+    commits: int
+    skipped: tuple[str, ...]  # files already on the Hub with the same content (resumed upload)
+
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
+SMALL_FILE = 10 * 2**20
+
+
+def _status(e: Exception) -> int | None:
+    response = getattr(e, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _with_retries(what: str, repo_id: str, fn, delays=RETRY_DELAYS):
+    """Run fn, retrying transient failures (5xx, 429, connection errors) with backoff; turn the
+    rest into one-line HubErrors naming the repo. Tokens never appear in messages."""
+    import time
+
+    from huggingface_hub import errors as hf_errors
+
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except hf_errors.OfflineModeIsEnabled:
+            raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set; unset it to {what}") from None
+        except hf_errors.RepositoryNotFoundError:
+            raise HubError(f"{repo_id}: repository not found, or no access with this token "
+                           "(set HF_TOKEN or run `hf auth login`)") from None
+        except hf_errors.RevisionNotFoundError:
+            raise HubError(f"{repo_id}: revision not found; create the branch first") from None
+        except Exception as e:  # network errors come as several types; sort them by status
+            status = _status(e)
+            if status in (401, 403):
+                raise HubError(f"{repo_id}: {what} refused ({status}): check that HF_TOKEN or "
+                               "your `hf auth login` token has write access") from None
+            if status == 404:
+                raise HubError(f"{repo_id}: not found (404) while trying to {what}") from None
+            transient = status in RETRY_STATUSES or (
+                status is None and isinstance(e, (ConnectionError, TimeoutError, OSError))
+                and not isinstance(e, HubError))
+            if not transient or attempt == len(delays):
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise HubError(f"{repo_id}: could not {what} ({first})") from None
+            log.warning("%s: %s failed (%s); retrying in %.0fs", repo_id, what,
+                        status or type(e).__name__, delays[attempt])
+            time.sleep(delays[attempt])
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, commit_message: str | None = None, repo_type: str = "model",
+         max_commit_bytes: int = 50 * 10**9, retry_delays=RETRY_DELAYS) -> PushResult:
+    """Upload a folder to the Hub: create the repo if needed, then one commit — or, for folders
+    larger than `max_commit_bytes`, several commits that skip files already uploaded (so a
+    failed push can be rerun and resumes), with the small files (card, config) last."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HubError(f"{folder}: not a folder; push needs the output folder of a merge, "
+                       "extract or training run")
+    if split_hub_id(repo_id) is None or "@" in repo_id:
+        raise HubError(f"{repo_id!r}: expected a repo id like org/name (use --revision for a "
+                       "branch)")
+    api = HfApi()
+    message = commit_message or f"Upload {folder.name} with mergekit-rl"
+    repo = _with_retries("create the repository", repo_id, lambda: api.create_repo(
+        repo_id, private=private, repo_type=repo_type, exist_ok=True))
+    if revision and not create_pr:
+        _with_retries("create the branch", repo_id, lambda: api.create_branch(
+            repo_id, branch=revision, repo_type=repo_type, exist_ok=True))
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    total = sum(p.stat().st_size for p in files)
+
+    def upload(allow=None, msg=message):
+        return _with_retries("upload", repo_id, lambda: api.upload_folder(
+            repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision,
+            create_pr=create_pr, commit_message=msg, allow_patterns=allow))
+
+    if total <= max_commit_bytes or create_pr:
+        info = upload()
+        return PushResult(str(repo), info.commit_url, info.pr_url, 1, ())
+    # Large folder: batches of big files, skipping what the Hub already holds.
+    big = [p for p in files if p.stat().st_size > SMALL_FILE]
+    small = [p for p in files if p.stat().st_size <= SMALL_FILE]
+    remote = _remote_sha256(api, repo_id, repo_type, revision, [p.relative_to(folder) for p in big])
+    from .checkpoint import file_sha256
+
+    todo, skipped = [], []
+    for p in big:
+        rel = p.relative_to(folder).as_posix()
+        (skipped if remote.get(rel) == file_sha256(p) else todo).append(p)
+    batches, batch, size = [], [], 0
+    for p in todo:
+        if batch and size + p.stat().st_size > max_commit_bytes:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(p)
+        size += p.stat().st_size
+    batches += [batch] if batch else []
+    commits = 0
+    for k, b in enumerate(batches):
+        upload([p.relative_to(folder).as_posix() for p in b],
+               f"{message} (part {k + 1}/{len(batches) + 1})")
+        commits += 1
+    info = upload([p.relative_to(folder).as_posix() for p in small] or None, message)
+    return PushResult(str(repo), info.commit_url, info.pr_url, commits + 1,
+                      tuple(p.relative_to(folder).as_posix() for p in skipped))
+
+
+def _remote_sha256(api, repo_id: str, repo_type: str, revision: str | None,
+                   paths: list[Path]) -> dict[str, str]:
+    """sha256 of the LFS files already on the Hub; {} when they cannot be listed (no resume)."""
+    if not paths:
+        return {}
+    try:
+        infos = _with_retries("list remote files", repo_id, lambda: api.get_paths_info(
+            repo_id, [p.as_posix() for p in paths], repo_type=repo_type, revision=revision,
+            expand=False))
+    except HubError as e:
+        log.info("cannot list remote files, uploading everything: %s", e)
+        return {}
+    return {i.path: i.lfs.sha256 for i in infos if getattr(i, "lfs", None)}

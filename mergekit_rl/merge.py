@@ -179,9 +179,6 @@ def run_merge(m: Manifest, out: Path | None, options: Options = Options(),
             extra={"method": m.method, "manifest": to_dict(m)},
             whole_tensors=m.method not in ELEMENTWISE,
             finalize=finalize)
-    if m.push:
-        log.warning("manifest push section: use `mergekit-rl push %s %s`", result.out,
-                    m.push["repo_id"])
     return result
 
 
