@@ -37,7 +37,7 @@ def _errors_to_exit(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (MergekitRLError, FileNotFoundError, ImportError) as e:
+        except (MergekitRLError, FileNotFoundError) as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             click.echo("interrupted: no output was written", err=True)

@@ -31,3 +31,7 @@ class ConfigError(MergekitRLError):
 
 class HubError(MergekitRLError):
     """The Hugging Face Hub could not give what was asked for."""
+
+
+class DependencyError(MergekitRLError):
+    """An optional dependency is missing; the message says what to install."""

@@ -64,11 +64,11 @@ def lfs_sha256(file: Path) -> str | None:
 
 
 def _download(spec: str, repo_id: str, revision: str | None) -> Source:
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub import errors as hf_errors
 
     try:
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        if constants.HF_HUB_OFFLINE:
             folder = snapshot_download(repo_id, revision=revision,
                                        allow_patterns=WEIGHT_PATTERNS + list(SIDE_FILES))
             return Source(spec, Path(folder), repo_id, revision, Path(folder).name)
@@ -117,13 +117,14 @@ def _status(e: Exception) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def _with_retries(what: str, repo_id: str, fn, delays=RETRY_DELAYS):
+def _with_retries(what: str, repo_id: str, fn, delays=None):
     """Run fn, retrying transient failures (5xx, 429, connection errors) with backoff; turn the
     rest into one-line HubErrors naming the repo. Tokens never appear in messages."""
     import time
 
     from huggingface_hub import errors as hf_errors
 
+    delays = RETRY_DELAYS if delays is None else delays
     for attempt in range(len(delays) + 1):
         try:
             return fn()
@@ -154,7 +155,7 @@ def _with_retries(what: str, repo_id: str, fn, delays=RETRY_DELAYS):
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, commit_message: str | None = None, repo_type: str = "model",
-         max_commit_bytes: int = 50 * 10**9, retry_delays=RETRY_DELAYS) -> PushResult:
+         max_commit_bytes: int = 50 * 10**9) -> PushResult:
     """Upload a folder to the Hub: create the repo if needed, then one commit — or, for folders
     larger than `max_commit_bytes`, several commits that skip files already uploaded (so a
     failed push can be rerun and resumes), with the small files (card, config) last."""

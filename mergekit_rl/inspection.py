@@ -12,6 +12,7 @@ import torch
 
 from . import hub
 from .checkpoint import Checkpoint
+from .errors import DependencyError
 from .provenance import read_record
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -115,7 +116,7 @@ def plot_norms(report: Report, out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install 'mergekit-rl[plot]'") from None
+        raise DependencyError("--plot needs matplotlib: pip install 'mergekit-rl[plot]'") from None
     names = [g.name.replace("layer ", "L") for g in report.groups]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.5))
     ax.bar(names, [g.l2 for g in report.groups], color="#4C72B0")

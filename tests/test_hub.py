@@ -1,0 +1,156 @@
+"""Publishing and loading by repo id through the real huggingface_hub client, against the local
+FakeHub (tests/hub_server.py) on 127.0.0.1: only the endpoint is replaced, not our code."""
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from helpers import load_state, snapshot
+from hub_server import FakeHub, configure_hf_client, front_matter
+
+from mergekit_rl import hub as hub_mod
+from mergekit_rl.cli import main
+
+TOKEN = "hf_secret_token_for_tests_123"
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    with FakeHub(token=TOKEN) as server:
+        configure_hf_client(monkeypatch, server.endpoint, home=tmp_path / "hf_home", token=TOKEN)
+        monkeypatch.setattr(hub_mod, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+        import huggingface_hub.utils._http as http
+
+        monkeypatch.setattr(http.time, "sleep", lambda s: None)
+        yield server
+
+
+def cli(*args, ok=True):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert r.exit_code == 0, r.output + repr(r.exception)
+    return r
+
+
+def test_push_then_load_by_repo_id_bit_identical(fake, tmp_path, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    m = tiny_models["qwen2_untied_bf16_sharded"]
+    cli("extract", m["grpo"], m["sft"], "-o", tmp_path / "vec", "-q")
+    r = cli("add", m["instruct"], tmp_path / "vec", "-o", tmp_path / "merged", "-q",
+            "--push-to-hub", "org/merged", "--private")
+    assert "pushed" in r.output and "org/merged" in r.output
+    assert fake.repos["model/org/merged"].private
+    assert fake.count("POST", r"/info/lfs/objects/batch") >= 1  # safetensors went the LFS way
+    model = AutoModelForCausalLM.from_pretrained("org/merged", dtype=torch.bfloat16)
+    local = load_state(tmp_path / "merged")
+    state = model.state_dict()
+    for k, v in local.items():
+        assert torch.equal(state[k], v), k
+    card = fake.repos["model/org/merged"].files["README.md"].decode()
+    meta = front_matter(card)
+    assert meta["library_name"] == "transformers" and "reasoning-vector" in meta["tags"]
+    assert fake.count("POST", r"/api/validate-yaml") >= 1
+
+
+def test_add_by_repo_ids_equals_local(fake, tmp_path, tiny_models):
+    m = tiny_models["qwen2_tied_fp32"]
+    cli("extract", m["grpo"], m["sft"], "-o", tmp_path / "vec", "-q", "--push-to-hub", "org/vec")
+    cli("push", m["instruct"], "org/instruct")
+    cli("add", "org/instruct", "org/vec@main", "-o", tmp_path / "remote", "-q")
+    cli("add", m["instruct"], tmp_path / "vec", "-o", tmp_path / "local", "-q")
+    a, b = load_state(tmp_path / "remote"), load_state(tmp_path / "local")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rec = (tmp_path / "remote" / "provenance.json").read_text()
+    assert '"repo_id": "org/instruct"' in rec and '"commit"' in rec
+    meta = front_matter((tmp_path / "remote" / "README.md").read_text())
+    assert meta["base_model"] == ["org/instruct", "org/vec"]
+    assert meta["base_model_relation"] == "merge"
+    assert "sha256" in rec  # content hash of Hub files taken from the cache
+
+
+def test_token_never_written(fake, tmp_path, tiny_models):
+    m = tiny_models["qwen2_tied_fp32"]
+    cli("extract", m["grpo"], m["sft"], "-o", tmp_path / "vec", "-q", "--push-to-hub", "org/v")
+    cli("add", "org/v", tmp_path / "vec", "-o", tmp_path / "x", "--allow-vocab-mismatch", ok=False)
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert TOKEN.encode() not in f.read_bytes(), f
+    for repo in fake.repos.values():
+        for name, data in repo.files.items():
+            assert TOKEN.encode() not in data, name
+
+
+def test_wrong_token_is_clear_and_local_untouched(fake, tmp_path, tiny_models, monkeypatch):
+    m = tiny_models["qwen2_tied_fp32"]
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    before = snapshot(m["base"])
+    r = cli("push", m["base"], "org/base", ok=False)
+    assert r.exit_code == 1 and "org/base" in r.output and "401" in r.output
+    assert "hf_wrong" not in r.output and "Traceback" not in r.output
+    assert snapshot(m["base"]) == before
+
+
+def test_commit_500_then_success(fake, tmp_path, tiny_models):
+    m = tiny_models["qwen2_tied_fp32"]
+    fake.fail_next("POST", r"/commit/", 500, times=2)
+    r = cli("push", m["base"], "org/retry")
+    assert "pushed" in r.output
+    assert "model.safetensors" in fake.repos["model/org/retry"].files
+
+
+def test_missing_repo_and_revision(fake, tmp_path, tiny_models):
+    m = tiny_models["qwen2_tied_fp32"]
+    r = cli("add", "org/nothing", m["base"], "-o", tmp_path / "o", ok=False)
+    assert r.exit_code == 1 and "org/nothing: repository not found" in r.output
+    cli("push", m["base"], "org/base")
+    r = cli("add", "org/base@nobranch", m["base"], "-o", tmp_path / "o", ok=False)
+    assert r.exit_code == 1 and "revision 'nobranch' not found" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_offline_is_clear(fake, tmp_path, tiny_models, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    m = tiny_models["qwen2_tied_fp32"]
+    r = cli("add", "org/uncached", m["base"], "-o", tmp_path / "o", ok=False)
+    assert r.exit_code == 1 and "HF_HUB_OFFLINE" in r.output
+    r = cli("push", m["base"], "org/x", ok=False)
+    assert r.exit_code == 1 and "HF_HUB_OFFLINE is set" in r.output
+
+
+def test_large_folder_multi_commit_resumes(fake, tmp_path, monkeypatch):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"model-{i}.safetensors").write_bytes(bytes([i]) * (11 * 2**20))
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(hub_mod, "SMALL_FILE", 2**20)
+    r = hub_mod.push(folder, "org/big", max_commit_bytes=12 * 2**20)
+    assert r.commits == 4 and not r.skipped  # three shards one by one, then the small files
+    again = hub_mod.push(folder, "org/big", max_commit_bytes=12 * 2**20)
+    assert sorted(again.skipped) == [f"model-{i}.safetensors" for i in range(3)]
+    assert fake.repos["model/org/big"].files["model-2.safetensors"] == bytes([2]) * (11 * 2**20)
+
+
+def test_create_pr_and_revision(fake, tmp_path, tiny_models):
+    m = tiny_models["qwen2_tied_fp32"]
+    cli("push", m["base"], "org/pr")
+    r = cli("push", m["instruct"], "org/pr", "--create-pr", "-m", "try instruct")
+    assert "discussions" in r.output or "pr" in r.output.lower()
+    cli("push", m["sft"], "org/pr", "--revision", "sft-branch")
+    repo = fake.repos["model/org/pr"]
+    assert "sft-branch" in repo.branches
+
+
+def test_manifest_push_section(fake, tmp_path, tiny_models):
+    m = tiny_models["qwen2_tied_fp32"]
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump({
+        "target": str(m["instruct"]), "output": {"path": "merged"},
+        "terms": [{"plus": str(m["grpo"]), "minus": str(m["sft"])}],
+        "push": {"repo_id": "org/from-manifest", "private": True}}))
+    cli("merge", p, "-q")
+    assert fake.repos["model/org/from-manifest"].private
+    assert "merge.yaml" in fake.repos["model/org/from-manifest"].files
