@@ -23,10 +23,15 @@ from .plan import Item
 log = logging.getLogger(__name__)
 
 QUEUE_DEPTH = 2
-DEFAULT_BLOCK_BYTES = 64 * 2**20  # fp32 bytes of one input's block
+# fp32 bytes of one input's block: small enough that every buffer stays under glibc's 32 MiB
+# mmap ceiling, so freed blocks are reused from the heap instead of page-faulted in anew.
+DEFAULT_BLOCK_BYTES = 16 * 2**20
 
-# fn(item, {role: fp32 tensor on device}) -> fp32 tensor: the maths for one block.
-ComputeFn = Callable[[Item, dict[str, torch.Tensor]], torch.Tensor]
+# fn(item, {role: block in its stored dtype, on device}, out) -> result: the maths for one block.
+# `out` is an empty block in the output dtype; fn computes in fp32 and writes its result there
+# (torch rounds once on store, so fp32 maths + the cast is one pass over memory) or returns a
+# tensor the engine casts. Inputs are scratch copies owned by the engine: fn may overwrite them.
+ComputeFn = Callable[[Item, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 ProgressFn = Callable[[int, int], None]  # (bytes written, tensors finished)
 
 
@@ -141,7 +146,7 @@ def run(items: list[Item], inputs: dict[str, Checkpoint], fn: ComputeFn,
                 break
             block, data = got
             out = _compute_block(block, data, fn, device)
-            if check_finite and out.is_floating_point() and not torch.isfinite(out).all():
+            if check_finite and not _all_finite(out):
                 raise NonFiniteError(f"tensor {block.item.name}: the result contains NaN or Inf "
                                      f"(in {block.item.dtype}); check the inputs and --alpha, "
                                      "or use a wider --dtype")
@@ -159,6 +164,16 @@ def run(items: list[Item], inputs: dict[str, Checkpoint], fn: ComputeFn,
         raise errors[0]
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """NaN/Inf anywhere makes the sum non-finite (it is accumulated in fp32); only then look
+    element by element, since a finite fp16 tensor whose sum overflows is a false alarm."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _compute_block(block: _Block, data: dict[str, torch.Tensor], fn: ComputeFn,
                    device: torch.device) -> torch.Tensor:
     item = block.item
@@ -166,5 +181,7 @@ def _compute_block(block: _Block, data: dict[str, torch.Tensor], fn: ComputeFn,
         (t,) = data.values()
         return t.to(device, dtype=item.dtype, non_blocking=True)
     # fp32 arithmetic whatever the stored dtypes; cast once at the end.
-    x = {role: t.to(device, non_blocking=True).to(torch.float32) for role, t in data.items()}
-    return fn(item, x).to(item.dtype)
+    x = {role: t.to(device, non_blocking=True) for role, t in data.items()}
+    out = torch.empty(next(iter(x.values())).shape, dtype=item.dtype, device=device)
+    result = fn(item, x, out)
+    return result if result.dtype == item.dtype else result.to(item.dtype)

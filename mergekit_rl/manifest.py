@@ -176,7 +176,9 @@ class _Checker:
     def params(self, raw: Any, path: str, allowed: tuple[str, ...]) -> dict:
         out = {}
         for key, value in self.mapping(raw or {}, path, allowed).items():
-            if key == "normalize" or key == "rescale":
+            if key == "rescale" and value in ("l1", "density"):
+                out[key] = value  # DARE: mergekit's L1-preserving factor or the paper's 1/p
+            elif key == "normalize" or key == "rescale":
                 out[key] = self.setting(value, f"{path}.{key}", "bool")
             elif key == "seed":
                 if not isinstance(value, int) or isinstance(value, bool):

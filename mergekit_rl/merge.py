@@ -53,8 +53,8 @@ class TensorParams:
     densities: tuple[float, ...]
     lam: float
     normalize: bool
-    gamma: float
-    rescale: bool
+    gammas: tuple[float, ...]
+    rescale: bool | str | None  # None: the method's mergekit default
     seed: int
 
 
@@ -65,8 +65,8 @@ def resolve_params(m: Manifest, name: str, t: float) -> TensorParams:
         densities=tuple(float(m.term_param(term, "density", name, t, 1.0)) for term in m.terms),
         lam=float(m.global_param("lambda", name, t, 1.0)),
         normalize=bool(normalize),
-        gamma=float(m.global_param("gamma", name, t, 0.01)),
-        rescale=bool(m.global_param("rescale", name, t, True)),
+        gammas=tuple(float(m.term_param(term, "gamma", name, t, 0.01)) for term in m.terms),
+        rescale=m.global_param("rescale", name, t, None),
         seed=int(m.params.get("seed", 0)),
     )
 
@@ -74,10 +74,11 @@ def resolve_params(m: Manifest, name: str, t: float) -> TensorParams:
 def compute_fn(m: Manifest, params: dict[str, TensorParams]) -> engine.ComputeFn:
     """The per-tensor maths: gather each term's delta and combine with the method."""
 
-    def fn(item, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    def fn(item, x: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         p = params[item.name]
+        x = {role: t.to(torch.float32) for role, t in x.items()}  # methods work in fp32
         base = x["target"]
-        present, weights, dens, seeds = [], [], [], []
+        present, weights, dens, gammas, seeds = [], [], [], [], []
         for i, term in enumerate(m.terms):
             roles = term_roles(i, term)
             if not all(r in x for r in roles):
@@ -90,13 +91,14 @@ def compute_fn(m: Manifest, params: dict[str, TensorParams]) -> engine.ComputeFn
                 present.append(x[roles[0]])
             weights.append(p.weights[i])
             dens.append(p.densities[i])
+            gammas.append(p.gammas[i])
             seeds.append(methods.tensor_seed(p.seed, item.name, i))
         if m.method == "linear":
             return methods.linear(present, weights, normalize=p.normalize)
         merged = methods.merge_deltas(present, weights, method=m.method, densities=dens,
-                                      normalize=p.normalize, gamma=p.gamma, rescale=p.rescale,
+                                      normalize=p.normalize, gamma=gammas, rescale=p.rescale,
                                       seeds=seeds)
-        return base + p.lam * merged
+        return methods.apply_merged(base, merged, p.lam)  # mergekit's rounding order
 
     return fn
 

@@ -84,7 +84,7 @@ def extract(finetuned: str, base: str, out: str | Path, options: Options = Optio
                             options.out_dtype, options.allow_vocab_mismatch)
         return execute(
             "vector", "finetuned − base", sources, ckpts, plan,
-            lambda item, x: ops.task_vector(x["finetuned"], x["base"]),
+            lambda item, x, out: ops.task_vector(x["finetuned"], x["base"], out=out),
             out, options, progress, side_from=sources["finetuned"].path,
             side_names=("config.json",), tags=["task-vector"],
             extra={"excluded": plan.excluded})
@@ -106,7 +106,7 @@ def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
         sign = "−" if subtract else "+"
         return execute(
             "model", f"target {sign} {alpha:g}·vector", sources, ckpts, plan,
-            lambda item, x: ops.apply_vector(x["target"], x["vector"], coef),
+            lambda item, x, out: ops.apply_vector(x["target"], x["vector"], coef, out=out),
             out, options, progress, side_from=sources["target"].path, side_names=None,
             tags=["task-arithmetic", "reasoning-vector"], extra={"alpha": coef})
 

@@ -234,7 +234,7 @@ def plan_combine(target: Checkpoint, inputs: dict[str, Checkpoint], selection: S
     heads = {role: (lm_head_name(c), embed_name(c)) for role, c in inputs.items()}
 
     def source_name(role: str, name: str) -> str:
-        ckpt, (head, emb) = inputs[role], heads[role]
+        ckpt, (_, emb) = inputs[role], heads[role]
         if name == t_head and emb and (target_tied or name not in ckpt):
             if not target_tied:
                 notes.append(f"{ckpt.path} has no {name} (tied): applying its {emb} to {name} "

@@ -115,7 +115,7 @@ def test_layer_gradient_and_regex_override(tmp_path, tiny_models):
 def test_dare_reproducible_and_independent_of_other_tensors(tmp_path, tiny_models):
     m = tiny_models["llama_untied_fp32_sharded"]
     spec = {"target": str(m["instruct"]), "method": "dare_linear",
-            "parameters": {"density": 0.5, "seed": 7},
+            "parameters": {"density": 0.5, "seed": 7, "rescale": "density"},
             "terms": [{"plus": str(m["grpo"]), "minus": str(m["sft"])}]}
     p = write(tmp_path, spec)
     cli("merge", p, "-o", tmp_path / "a", "-q")
@@ -130,7 +130,15 @@ def test_dare_reproducible_and_independent_of_other_tensors(tmp_path, tiny_model
     delta = a[k] - inst[k]
     kept = delta != 0
     assert 0.35 < kept.float().mean() < 0.65
-    assert torch.allclose(delta[kept], 2 * (grpo[k] - sft[k])[kept], atol=1e-6)
+    assert torch.allclose(delta[kept], 2 * (grpo[k] - sft[k])[kept], atol=1e-6)  # 1/p exactly
+    # mergekit's default rescale: one factor per tensor that keeps the L1 norm of the delta
+    cli("merge", p, "-o", tmp_path / "e", "-q", "--set", "parameters.rescale=true")
+    e = load_state(tmp_path / "e")
+    delta, full = e[k] - inst[k], grpo[k] - sft[k]
+    kept = delta != 0
+    ratio = delta[kept] / full[kept]
+    assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-3)
+    assert float(delta.abs().sum()) == pytest.approx(float(full.abs().sum()), rel=1e-3)
 
 
 def test_dry_run_describes_plan_and_writes_nothing(tmp_path, tiny_models):

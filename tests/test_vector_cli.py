@@ -343,7 +343,7 @@ def test_failure_midway_leaves_nothing(tmp_path, copies, monkeypatch):
     ft, base = copies
     calls = []
 
-    def boom(a, b):
+    def boom(a, b, out=None):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
