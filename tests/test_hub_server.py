@@ -24,7 +24,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hub_server import FakeHub, configure_hf_client
-
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
