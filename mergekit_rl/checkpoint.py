@@ -135,7 +135,7 @@ class Checkpoint:
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path) -> "Checkpoint":
+    def open(cls, path: str | Path) -> Checkpoint:
         path = Path(path)
         if path.is_file() and path.suffix == ".safetensors":
             return cls._from_files(path.parent, [path])
@@ -164,7 +164,7 @@ class Checkpoint:
                               "is this a model folder?")
 
     @classmethod
-    def _from_index(cls, folder: Path, index_path: Path) -> "Checkpoint":
+    def _from_index(cls, folder: Path, index_path: Path) -> Checkpoint:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
             if not isinstance(weight_map, dict) or not weight_map:
@@ -189,7 +189,7 @@ class Checkpoint:
         return ckpt
 
     @classmethod
-    def _from_files(cls, folder: Path, files: list[Path]) -> "Checkpoint":
+    def _from_files(cls, folder: Path, files: list[Path]) -> Checkpoint:
         tensors: dict[str, TensorInfo] = {}
         headers = {}
         for file in files:
@@ -209,7 +209,7 @@ class Checkpoint:
         return cls(folder, tensors, list(files), headers)
 
     @classmethod
-    def _from_legacy(cls, folder: Path, path: Path) -> "Checkpoint":
+    def _from_legacy(cls, folder: Path, path: Path) -> Checkpoint:
         files = [path]
         if path.name.endswith(".index.json"):
             weight_map = json.loads(path.read_text())["weight_map"]
@@ -259,7 +259,7 @@ class Checkpoint:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,7 +6,7 @@ folder. Our schema (see manifests/*.yaml):
 
     output: {path: ./out, dtype: auto|float32|bfloat16|float16, max_shard_size: 5GB}
     target: MODEL                      # or `base:`; the model the terms are added to
-    method: task_arithmetic | ties | dare_linear | dare_ties | breadcrumbs | breadcrumbs_ties | linear
+    method: task_arithmetic | ties | dare_linear | dare_ties | breadcrumbs[_ties] | linear
     parameters: {lambda: 1.0, normalize: false, density: 1.0, seed: 0, gamma: 0.01}
     terms:
       - {vector: VECTOR_DIR, weight: 1.0}

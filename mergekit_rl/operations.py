@@ -46,7 +46,7 @@ class Options:
 
     def __post_init__(self):
         parse_dtype(self.dtype)
-        self.selection  # compiles the regexes
+        _ = self.selection  # compiles the regexes
         try:
             engine.resolve_device(self.device)
         except ValueError as e:
@@ -172,5 +172,6 @@ def execute(kind: str, formula: str, sources: dict[str, hub.Source],
 
 
 def _dtype_label(items: list[Item]) -> str:
-    kinds = sorted({str(i.dtype).removeprefix("torch.") for i in items if i.dtype.is_floating_point})
+    kinds = sorted({str(i.dtype).removeprefix("torch.") for i in items
+                    if i.dtype.is_floating_point})
     return "/".join(kinds) or "none"

@@ -104,7 +104,8 @@ def embed_name(ckpt: Checkpoint) -> str | None:
 
 
 def is_tied(ckpt: Checkpoint) -> bool:
-    """Tied when the file has no lm_head, or the config says so (the shared matrix is the embedding)."""
+    """Tied when the file has no lm_head or the config says so (the embedding is the shared
+    matrix)."""
     if embed_name(ckpt) is None:
         return False
     return lm_head_name(ckpt) is None or bool(ckpt.config().get("tie_word_embeddings", False))
