@@ -70,12 +70,15 @@ def _download(spec: str, repo_id: str, revision: str | None) -> Source:
     try:
         if constants.HF_HUB_OFFLINE:
             folder = snapshot_download(repo_id, revision=revision,
-                                       allow_patterns=WEIGHT_PATTERNS + list(SIDE_FILES))
+                                       allow_patterns=WEIGHT_PATTERNS + list(SIDE_FILES)
+                                       + ["README.md"])
             return Source(spec, Path(folder), repo_id, revision, Path(folder).name)
         info = HfApi().model_info(repo_id, revision=revision)
         names = [s.rfilename for s in info.siblings or []]
         has_st = any(n.endswith(".safetensors") for n in names)
-        patterns = (WEIGHT_PATTERNS if has_st else LEGACY_PATTERNS) + list(SIDE_FILES)
+        # README.md only for its front matter (license); it is never copied into outputs
+        patterns = (WEIGHT_PATTERNS if has_st else LEGACY_PATTERNS) + list(SIDE_FILES) + [
+            "README.md"]
         log.info("downloading %s@%s (%s)", repo_id, info.sha, "safetensors" if has_st else "bin")
         folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns)
         return Source(spec, Path(folder), repo_id, revision, info.sha)

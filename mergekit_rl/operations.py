@@ -164,7 +164,9 @@ def execute(kind: str, formula: str, sources: dict[str, hub.Source],
             selection={"include": list(options.include), "exclude": list(options.exclude)},
             notes=plan.notes, extra=extra)
         provenance.write_record(tmp, record)
-        provenance.write_card(tmp, record, tags)
+        license = provenance.card_license(sources["target"].path) if "target" in sources \
+            else provenance.card_license(sources[next(iter(sources))].path)
+        provenance.write_card(tmp, record, tags, license)
         if finalize:
             finalize(tmp)
     return Result(out, len(plan.items), plan.computed, total, time.perf_counter() - start,

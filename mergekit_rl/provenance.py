@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+import yaml
 
 from .checkpoint import Checkpoint
 from .hub import Source, lfs_sha256
@@ -72,16 +73,35 @@ def write_record(folder: Path, record: dict) -> None:
 def _input_line(rec: dict) -> str:
     where = (f"`{rec['repo_id']}` @ `{rec.get('commit') or rec.get('revision')}`"
              if rec.get("repo_id") else f"`{rec['path']}`")
-    return f"- **{rec['role']}**: {where}"
+    hashes = ", ".join(
+        f"{f['file']} {'sha256' if 'sha256' in f else 'header sha256'} "
+        f"`{(f.get('sha256') or f.get('header_sha256', ''))[:12]}`" for f in rec.get("files", []))
+    return f"- **{rec['role']}**: {where}" + (f" ({hashes})" if hashes else "")
 
 
-def write_card(folder: Path, record: dict, tags: list[str]) -> None:
+def card_license(folder: Path) -> str | None:
+    """The `license` in a model folder's README front matter, when it has one."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (yaml.YAMLError, IndexError):
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None
+
+
+def write_card(folder: Path, record: dict, tags: list[str], license: str | None = None) -> None:
     """A model card with Hub front matter, the recipe and how to use the result."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    hub_ids = [r["repo_id"] for r in record["inputs"] if r.get("repo_id")]
+    hub_ids = list(dict.fromkeys(r["repo_id"] for r in record["inputs"] if r.get("repo_id")))
     data = ModelCardData(library_name="transformers", tags=["mergekit-rl", *tags],
-                         base_model=hub_ids or None,
+                         base_model=hub_ids or None, license=license,
                          base_model_relation="merge" if record["kind"] == "model" and hub_ids
                          else None)
     title = "Task vector" if record["kind"] == "vector" else "Merged model"

@@ -56,7 +56,11 @@ def test_push_then_load_by_repo_id_bit_identical(fake, tmp_path, tiny_models):
 def test_add_by_repo_ids_equals_local(fake, tmp_path, tiny_models):
     m = tiny_models["qwen2_tied_fp32"]
     cli("extract", m["grpo"], m["sft"], "-o", tmp_path / "vec", "-q", "--push-to-hub", "org/vec")
-    cli("push", m["instruct"], "org/instruct")
+    import shutil
+
+    shutil.copytree(m["instruct"], tmp_path / "instruct")
+    (tmp_path / "instruct" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# x\n")
+    cli("push", tmp_path / "instruct", "org/instruct")
     cli("add", "org/instruct", "org/vec@main", "-o", tmp_path / "remote", "-q")
     cli("add", m["instruct"], tmp_path / "vec", "-o", tmp_path / "local", "-q")
     a, b = load_state(tmp_path / "remote"), load_state(tmp_path / "local")
@@ -65,6 +69,7 @@ def test_add_by_repo_ids_equals_local(fake, tmp_path, tiny_models):
     assert '"repo_id": "org/instruct"' in rec and '"commit"' in rec
     meta = front_matter((tmp_path / "remote" / "README.md").read_text())
     assert meta["base_model"] == ["org/instruct", "org/vec"]
+    assert meta["license"] == "apache-2.0"  # copied from the target's card
     assert meta["base_model_relation"] == "merge"
     assert "sha256" in rec  # content hash of Hub files taken from the cache
 
