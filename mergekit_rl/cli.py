@@ -323,5 +323,24 @@ def demo(out, fresh):
         click.echo(line)
 
 
+def _register_trainers() -> None:
+    """Add the bundled trainers' commands (`train`, `sample`). Their modules import only Click
+    here; torch/transformers/accelerate load inside each command."""
+    try:
+        from trainers.cli import train
+    except ImportError:  # the weight-arithmetic tool installed without the trainers
+        return
+    main.add_command(train)
+    try:
+        from trainers.preference_cli import sample, wpo
+    except ImportError:
+        return
+    if "wpo" not in train.commands:
+        train.add_command(wpo)
+    main.add_command(sample)
+
+
+_register_trainers()
+
 if __name__ == "__main__":
     main()
