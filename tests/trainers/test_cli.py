@@ -1,0 +1,53 @@
+"""`mergekit-rl train ...` as users type it: one-line errors, cheap import, `python -m`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from trainers.cli import train
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "train"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(train, list(args))
+
+
+def test_help_lists_the_trainers():
+    result = invoke("--help")
+    assert result.exit_code == 0 and "sft" in result.output and "grpo" in result.output
+    assert "--resume" in invoke("grpo", "--help").output
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path):
+    config = MANIFESTS / "grpo_tiny.yaml"
+    result = invoke("grpo", str(config), "--set", "train.batch_size=12")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {config}: train.batch_size: 12 completions")
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+    missing = invoke("sft", str(tmp_path / "nope.yaml"))
+    assert missing.exit_code == 1 and "config file not found" in missing.output
+    resume = invoke("sft", str(MANIFESTS / "sft_tiny.yaml"), "--set",
+                    f"train.output_dir={tmp_path / 'empty'}", "--resume")
+    assert resume.exit_code == 1 and "no checkpoint-N in" in resume.output
+
+
+def test_a_run_through_the_cli(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("sft", str(MANIFESTS / "sft_tiny.yaml"), "--set", f"model.path={tiny_model}",
+                    "--set", f"train.output_dir={out}", "--set", "train.max_steps=1", "-q")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+
+
+def test_cli_import_is_cheap_and_python_m_works():
+    code = "import sys, trainers.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    done = subprocess.run([sys.executable, "-m", "trainers.grpo", "--help"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "Usage: python -m trainers.grpo" in done.stdout

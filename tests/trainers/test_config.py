@@ -1,0 +1,126 @@
+"""Config loading: every shipped YAML parses; errors name the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainers.config import load_config
+from trainers.errors import TrainerConfigError
+from trainers.grpo import GRPOConfig
+from trainers.sampling import SamplePairsConfig, SampleRSOConfig, load_sample_config
+from trainers.sft import SFTConfig
+from trainers.wpo import WPOConfig
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "train"
+SHIPPED = sorted(MANIFESTS.glob("*.yaml"))
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"sft_gsm8k_qwen2.5_1.5b.yaml", "grpo_gsm8k_qwen2.5_1.5b.yaml", "sft_tiny.yaml",
+            "grpo_tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    if path.name.startswith("sample_"):
+        cls = SamplePairsConfig if path.name.startswith("sample_pairs") else SampleRSOConfig
+        config = load_sample_config(cls, path)
+        assert Path(config.output).is_absolute()
+    else:
+        cls = {"grpo": GRPOConfig, "wpo": WPOConfig}.get(path.name.split("_")[0], SFTConfig)
+        config = load_config(cls, path)
+        assert Path(config.train.output_dir).is_absolute()
+    data = Path(config.data.path)
+    if data.is_relative_to(MANIFESTS):  # data that ships with the repo (others are made by runs)
+        assert data.is_file()
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = """
+model: {path: ./m}
+data: {path: d.jsonl}
+train: {output_dir: out, batch_size: 4}
+"""
+
+
+def test_paths_relative_to_config_and_overrides(tmp_path):
+    config = load_config(SFTConfig, write(tmp_path, MINIMAL),
+                         ["optim.lr=2e-5", "sft.max_length=77", "optim.betas=[0.9, 0.95]"])
+    assert config.model.path == str(tmp_path / "m")
+    assert config.data.path == str(tmp_path / "d.jsonl")
+    assert config.train.output_dir == str(tmp_path / "out")
+    assert config.optim.lr == 2e-5 and config.sft.max_length == 77
+    assert config.optim.betas == (0.9, 0.95)
+    hub = load_config(SFTConfig, write(tmp_path, MINIMAL), ["model.path=Qwen/Qwen2.5-1.5B"])
+    assert hub.model.path == "Qwen/Qwen2.5-1.5B"  # a Hub id stays an id
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("optim.lrr=1", "optim.lrr: unknown field; did you mean 'lr'?"),
+    ("train.batch_size=0", "train.batch_size: expected a positive number"),
+    ("train.micro_batch_size=3", "train.micro_batch_size: batch_size 4 is not a multiple"),
+    ("sft.crlft.class_weights={a: -1}", "sft.crlft.class_weights.a: expected a weight >= 0"),
+    ("train.mixed_precision=fp8", "train.mixed_precision: expected one of no, bf16, fp16"),
+    ("train.report_to=[tensorbord]", "train.report_to: unknown tracker 'tensorbord'"),
+    ("data.chat=yes please", "data.chat: expected true or false"),
+])
+def test_errors_name_file_and_field(tmp_path, override, message):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(TrainerConfigError) as e:
+        load_config(SFTConfig, path, [override])
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+
+
+def test_missing_required_field_and_bad_yaml(tmp_path):
+    with pytest.raises(TrainerConfigError, match="train.batch_size: required field is missing"):
+        load_config(SFTConfig, write(tmp_path, MINIMAL.replace(", batch_size: 4", "")))
+    with pytest.raises(TrainerConfigError, match="invalid YAML"):
+        load_config(SFTConfig, write(tmp_path, "model: [unclosed"))
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(SFTConfig, tmp_path / "nope.yaml")
+
+
+GRPO = MINIMAL.replace("batch_size: 4", "batch_size: 12") + """
+grpo:
+  num_generations: 8
+  rewards: [exact_answer, {name: format, weight: 0.1}]
+"""
+
+
+def test_grpo_batch_rule_says_what_to_change(tmp_path):
+    with pytest.raises(TrainerConfigError) as e:
+        load_config(GRPOConfig, write(tmp_path, GRPO))
+    text = str(e.value)
+    assert "train.batch_size: 12 completions per step is not a multiple of " \
+           "grpo.num_generations 8" in text
+    assert "set train.batch_size to 8 or 16" in text
+    assert "grpo.num_generations to a divisor of 12 such as 4, 6, 12" in text
+    config = load_config(GRPOConfig, write(tmp_path, GRPO), ["train.batch_size=16"])
+    assert [(r.name, r.weight) for r in config.grpo.rewards] == [("exact_answer", 1.0),
+                                                                  ("format", 0.1)]
+    assert config.optim.lr == 1e-6  # GRPO's default
+    with pytest.raises(TrainerConfigError, match="train.batch_size: 2 prompts per step"):
+        config.split(world=4)
+    assert config.split(world=2) == 1
+
+
+def test_grpo_checks(tmp_path):
+    path = write(tmp_path, GRPO)
+    for override, message in [("grpo.num_generations=1", "grpo.num_generations: expected >= 2"),
+                              ("grpo.loss_type=ppo", "grpo.loss_type: expected one of grpo"),
+                              ("grpo.rewards=[]", "grpo.rewards: expected at least one")]:
+        with pytest.raises(TrainerConfigError, match=message):
+            load_config(GRPOConfig, path, ["train.batch_size=16", override])
+    with pytest.raises(TrainerConfigError, match="train.save_steps: expected a multiple of"):
+        load_config(GRPOConfig, path, ["train.batch_size=16", "grpo.num_iterations=2",
+                                       "train.save_steps=3"])

@@ -1,0 +1,344 @@
+"""Trainer configuration: frozen dataclasses read from YAML, with `--set key.path=value` overrides.
+
+Each trainer defines one top-level dataclass made of the shared sections below (`model`, `data`,
+`optim`, `train`) plus its own (`sft`, `grpo`, ...). `load_config(SFTConfig, path, overrides)`
+reads the file, applies the overrides, checks every value against the dataclass field types and
+runs each section's `__post_init__` checks. Every error names the file and the dotted field
+(`grpo.epsilon_high`) and says what was expected. Nothing here imports torch.
+
+Relative local paths (`model.path`, `data.path`, `train.output_dir`) are relative to the config
+file, as in the merge manifests; `resolve_paths` makes them absolute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import TrainerConfigError
+
+
+class FieldError(TrainerConfigError):
+    """A value is wrong; `field` is its dotted path relative to the section that raised."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def require(condition: bool, field: str, reason: str) -> None:
+    """Raise `FieldError(field, reason)` unless `condition` holds (for `__post_init__` checks)."""
+    if not condition:
+        raise FieldError(field, reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared sections
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str  # local folder or Hub id of the starting checkpoint
+    revision: str | None = None
+    tokenizer: str | None = None  # default: `path`
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype the weights train in
+    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        require(bool(self.path), "path", "expected a model folder or Hub id")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str  # .jsonl / .json / .parquet file, or a `datasets` Hub id such as openai/gsm8k
+    name: str | None = None  # `datasets` config name (gsm8k: "main")
+    split: str = "train"
+    prompt_field: str = "prompt"  # a string, or a list of chat messages
+    completion_field: str = "completion"  # SFT: a string, or a list of assistant messages
+    # SFT alternative: whole conversations, assistant turns trained
+    messages_field: str | None = None
+    # str.format over the row, e.g. "{question}\nThink step by step."
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    chat: bool = True  # apply the tokenizer's chat template (False: plain text, for base models)
+    max_examples: int | None = None
+    shuffle: bool = True
+
+    def __post_init__(self):
+        require(bool(self.path), "path", "expected a data file or a datasets Hub id")
+        require(self.max_examples is None or self.max_examples > 0, "max_examples",
+                "expected a positive number or null")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # null: no clipping
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+
+    def __post_init__(self):
+        require(self.lr > 0, "lr", f"expected a positive learning rate, got {self.lr}")
+        require(self.warmup_steps >= 0, "warmup_steps", "expected >= 0")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "expected a fraction in [0, 1)")
+        require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+                "expected a positive number or null")
+
+
+TRACKERS = ("auto", "none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml",
+            "dvclive", "trackio")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str
+    batch_size: int  # global, per optimizer step: examples (SFT) or completions (GRPO)
+    micro_batch_size: int = 1  # sequences per forward/backward on one device
+    max_steps: int | None = None  # optimizer steps; null: `epochs` passes over the data
+    epochs: float = 1.0
+    seed: int = 0
+    save_steps: int | None = None  # null: save only at the end (and on SIGINT/SIGTERM)
+    save_total_limit: int | None = 2  # checkpoints kept in output_dir; null: all
+    max_shard_size: str = "5GB"
+    log_steps: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    report_to: tuple[str, ...] = ("auto",)  # accelerate trackers; auto: tensorboard if installed
+    progress_bar: bool = True
+    overwrite_output_dir: bool = False  # start afresh in a folder that holds an earlier run
+
+    def __post_init__(self):
+        require(bool(self.output_dir), "output_dir", "expected a folder")
+        require(self.batch_size > 0, "batch_size", "expected a positive number")
+        require(self.micro_batch_size > 0, "micro_batch_size", "expected a positive number")
+        require(self.max_steps is None or self.max_steps > 0, "max_steps", "expected > 0 or null")
+        require(self.epochs > 0, "epochs", "expected > 0")
+        require(self.save_steps is None or self.save_steps > 0, "save_steps",
+                "expected > 0 or null")
+        require(self.save_total_limit is None or self.save_total_limit > 0, "save_total_limit",
+                "expected > 0 or null")
+        require(self.log_steps > 0, "log_steps", "expected > 0")
+        for name in self.report_to:
+            require(name in TRACKERS, "report_to", f"unknown tracker {name!r}; expected some of "
+                    f"{', '.join(TRACKERS)}")
+
+    def check_micro_batch(self) -> None:
+        """Called by the top-level configs after their own batch rules (those say more)."""
+        require(self.batch_size % self.micro_batch_size == 0, "train.micro_batch_size",
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size}; pick a divisor of {self.batch_size}")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per device per optimizer step; the global batch fixes the maths."""
+        per_device, rest = divmod(self.batch_size, world_size)
+        if rest or per_device % self.micro_batch_size:
+            raise FieldError("train.batch_size",
+                             f"{self.batch_size} does not split over {world_size} processes in "
+                             f"micro-batches of {self.micro_batch_size}; use a multiple of "
+                             f"{world_size * self.micro_batch_size}")
+        return per_device // self.micro_batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def load_config(cls, path: str | Path, overrides: typing.Iterable[str] = ()):
+    """Read YAML at `path`, apply `--set key.path=value` overrides, validate into `cls`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise TrainerConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    raw = {} if raw is None else raw
+    for item in overrides:
+        raw = apply_override(raw, item, path)
+    config = from_dict(cls, raw, path)
+    return resolve_paths(config, path.parent)
+
+
+def apply_override(raw: Any, item: str, source: Path | None = None) -> Any:
+    """`--set grpo.beta=0.04`: set a value (parsed as YAML) at a dotted key path."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise TrainerConfigError(f"--set {item!r}: expected key.path=value")
+    if not isinstance(raw, dict):
+        raise TrainerConfigError(f"{source}: expected a mapping at the top level")
+    node, parts = raw, key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise TrainerConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section "
+                                     f"in {source}")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        node[parts[-1]] = text
+    return raw
+
+
+def from_dict(cls, raw: Any, source: Path | str | None = None, prefix: str = ""):
+    """Build dataclass `cls` from plain data, checking names and types; errors name the field."""
+    where = f"{source}: " if source else ""
+    if not isinstance(raw, dict):
+        raise TrainerConfigError(f"{where}{prefix.rstrip('.') or 'config'}: expected a mapping, "
+                                 f"got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(fields)}"
+            raise TrainerConfigError(f"{where}{prefix}{key}: unknown field{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _convert(raw[name], hints[name], f"{prefix}{name}", source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise TrainerConfigError(f"{where}{prefix}{name}: required field is missing")
+    try:
+        return cls(**values)
+    except FieldError as e:
+        raise TrainerConfigError(f"{where}{prefix}{e.field}: {e.reason}") from None
+
+
+def _convert(value: Any, hint: Any, field: str, source) -> Any:
+    where = f"{source}: " if source else ""
+
+    def fail(expected: str):
+        raise TrainerConfigError(f"{where}{field}: expected {expected}, got {value!r}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            fail(" or ".join(_describe(a) for a in args))
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _convert(value, option, field, source)
+            except TrainerConfigError:
+                if len(options) == 1:
+                    raise
+        fail(" or ".join(_describe(a) for a in options))
+    if dataclasses.is_dataclass(hint):
+        shorthand = getattr(hint, "SHORTHAND", None)
+        if shorthand and not isinstance(value, dict):
+            value = {shorthand: value}
+        return from_dict(hint, value, source, field + ".")
+    if origin is Literal:
+        if value not in args:
+            fail("one of " + ", ".join(map(str, args)))
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            fail(_describe(hint))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{field}.{i}", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            fail(f"{len(args)} values")
+        return tuple(_convert(v, a, f"{field}.{i}", source) for i, (v, a) in
+                     enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail("a mapping")
+        return {_convert(k, args[0], field, source): _convert(v, args[1], f"{field}.{k}", source)
+                for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                fail("a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    raise TypeError(f"{field}: unsupported field type {hint!r}")  # a bug in a config class
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(hint, "a mapping" if dataclasses.is_dataclass(hint) else
+                                        str(hint))
+
+
+def to_dict(config) -> dict:
+    """Plain data (tuples as lists) for YAML/JSON; inverse of `from_dict`."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def is_local_path(value: str, base: Path) -> bool:
+    """Local if absolute, explicitly relative (./, ../, ~), or existing relative to `base`."""
+    return (value.startswith(("/", "./", "../", "~")) or Path(value).suffix in DATA_SUFFIXES
+            or (base / value).exists())
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def resolve_paths(config, base: Path):
+    """Make local `model.path`, `model.tokenizer`, `data.path`, `train.output_dir` absolute."""
+    base = Path(base).resolve()
+
+    def local(value: str | None) -> str | None:
+        if value is None or not is_local_path(value, base):
+            return value
+        return str((base / Path(value).expanduser()).resolve())
+
+    changes = {}
+    if hasattr(config, "model"):
+        changes["model"] = dataclasses.replace(config.model, path=local(config.model.path),
+                                               tokenizer=local(config.model.tokenizer))
+    if hasattr(config, "data"):
+        changes["data"] = dataclasses.replace(config.data, path=local(config.data.path))
+    if hasattr(config, "train"):
+        out = str((base / Path(config.train.output_dir).expanduser()).resolve())
+        changes["train"] = dataclasses.replace(config.train, output_dir=out)
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,189 @@
+"""Reading training rows and turning them into token ids with the tokenizer's chat template.
+
+Rows come from a local .jsonl / .json / .parquet file or a `datasets` Hub id (`datasets` is
+imported only then). Everything is checked here, before any model is loaded: the file reads,
+the fields exist in every row, the template renders.
+
+Chat rendering splits a conversation into masked text (prompts, role headers) and trained text
+(assistant contents with their end-of-turn tokens). The split point of an assistant turn is
+found by rendering the turn with a sentinel content and cutting at the sentinel, which works for
+any template that writes message contents verbatim (ChatML, Llama 3, Qwen2.5, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import DATA_SUFFIXES, DataConfig
+from .errors import TrainerConfigError
+
+log = logging.getLogger(__name__)
+
+SENTINEL = "\u2063SPLIT\u2063"  # invisible separator: never in real data
+
+Messages = list[dict[str, str]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+def load_rows(cfg: DataConfig, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows of the dataset as dicts; every field in `required` must be present in every row."""
+    path = Path(cfg.path)
+    if path.suffix in DATA_SUFFIXES or path.is_absolute():
+        rows = _read_file(path)
+    else:
+        rows = _load_hub(cfg)
+    if not rows:
+        raise TrainerConfigError(f"data.path: {cfg.path} has no rows")
+    if cfg.max_examples is not None:
+        rows = rows[: cfg.max_examples]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise TrainerConfigError(f"data.path: {cfg.path} row {i} is not a mapping")
+        missing = [f for f in required if row.get(f) is None]
+        if missing:
+            raise TrainerConfigError(
+                f"data: {cfg.path} row {i} has no field {missing[0]!r} (fields: "
+                f"{', '.join(row)}); set data.{_field_option(missing[0], cfg)} to one of them")
+    return rows
+
+
+def _field_option(field: str, cfg: DataConfig) -> str:
+    for option in ("prompt_field", "completion_field", "messages_field"):
+        if getattr(cfg, option) == field:
+            return option
+    return "prompt_template"
+
+
+def _read_file(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path: {path} not found")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise TrainerConfigError(f"data.path: reading {path} needs pyarrow "
+                                     "(pip install pyarrow) or a .jsonl file") from None
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises many types for a corrupt file
+            raise TrainerConfigError(f"data.path: cannot read {path} as Parquet ({e})") from None
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TrainerConfigError(f"data.path: {path} is not valid JSON ({e})") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TrainerConfigError(f"data.path: {path} line {n} is not JSON ({e.msg})") \
+                    from None
+    return rows
+
+
+def _load_hub(cfg: DataConfig) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise TrainerConfigError(
+            f"data.path: {cfg.path!r} is neither a local file nor loadable: Hub datasets need "
+            "`pip install datasets`; or give a .jsonl/.parquet file") from None
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split)
+    except Exception as e:  # datasets raises many types (network, missing config, ...)
+        raise TrainerConfigError(f"data.path: cannot load dataset {cfg.path!r} "
+                                 f"(name={cfg.name!r}, split={cfg.split!r}): {e}") from None
+    return ds.to_list()
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """Row order of one epoch: a permutation fixed by (seed, epoch), so resuming needs only the
+    position, not a sampler state."""
+    if not shuffle:
+        return list(range(n))
+    import torch
+
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and conversations
+
+def prompt_value(row: dict, cfg: DataConfig) -> str | Messages:
+    """The prompt as the user wrote it: `prompt_template` filled from the row, or the field."""
+    if cfg.prompt_template is not None:
+        try:
+            return cfg.prompt_template.format(**row)
+        except (KeyError, IndexError, ValueError) as e:
+            raise TrainerConfigError(f"data.prompt_template: cannot fill from a row with fields "
+                                     f"{', '.join(row)} ({e!r})") from None
+    return row[cfg.prompt_field]
+
+
+def as_messages(value: str | Messages, role: str, system_prompt: str | None = None) -> Messages:
+    """A string becomes one message with `role`; a message list is copied."""
+    messages = [{"role": role, "content": value}] if isinstance(value, str) else \
+        [dict(m) for m in value]
+    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def render_generation_prompt(tokenizer, prompt: str | Messages, cfg: DataConfig) -> str:
+    """Text the model continues from (GRPO): chat template with the assistant header, or the
+    plain prompt when `data.chat` is false."""
+    if not cfg.chat:
+        return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    messages = as_messages(prompt, "user", cfg.system_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def split_conversation(render: Callable[[Messages], str], messages: Messages,
+                       trained: Callable[[int, dict], bool]) -> list[tuple[str, bool]]:
+    """Cut the rendered conversation into (text, is_trained) segments.
+
+    For each trained assistant turn i, `render(messages[:i] + [turn with SENTINEL])` gives the text
+    before its content (masked), `render(messages[:i+1])` the text through its end-of-turn
+    (trained). Each rendering must extend the previous one; templates that rewrite earlier turns
+    (e.g. dropping reasoning) cannot be split this way.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if not trained(i, message):
+            continue
+        probe = render(messages[:i] + [{**message, "content": SENTINEL}])
+        if SENTINEL not in probe:
+            raise TrainerConfigError(f"chat template drops the {message['role']!r} turn")
+        before = probe[: probe.index(SENTINEL)]
+        through = render(messages[: i + 1])
+        if not before.startswith(done) or not through.startswith(before):
+            raise TrainerConfigError("chat template renders earlier turns differently once later "
+                                     "turns are added; use single-turn prompt/completion rows")
+        segments += [(before[len(done):], False), (through[len(before):], True)]
+        done = through
+    return [(text, flag) for text, flag in segments if text]
+
+
+def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], max_length: int
+                      ) -> tuple[list[int], list[bool]]:
+    """Token ids and a trained-token mask, truncated on the right to `max_length`."""
+    ids: list[int] = []
+    trained: list[bool] = []
+    for text, flag in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        trained += [flag] * len(piece)
+    if trained:
+        trained[0] = False  # the first token has no prediction
+    return ids[:max_length], trained[:max_length]

@@ -1,0 +1,417 @@
+"""GRPO: Group Relative Policy Optimization (DeepSeekMath, https://arxiv.org/abs/2402.03300).
+
+One round: take B/G prompts, sample G completions of each with `generate` (KV cache, left-padded
+prompts, stop at EOS, no grad), score them with the reward functions, turn the rewards into
+group-relative advantages (`losses.group_advantages`), then take `num_iterations` optimizer steps
+on that batch with the clipped-ratio loss plus β·KL_k3 to the frozen starting model
+(`losses.grpo_token_loss`). β = 0 loads no reference model.
+
+    mergekit-rl train grpo manifests/train/grpo_gsm8k_qwen2.5_1.5b.yaml
+    torchrun --nproc_per_node 2 -m trainers.grpo CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require, to_dict
+from .data import epoch_order, load_rows, prompt_value, render_generation_prompt
+from .errors import TrainerConfigError, TrainingInterrupted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    SHORTHAND: ClassVar[str] = "name"  # a bare string in YAML is the name
+    name: str  # built-in (exact_answer, format) or module:function
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # bound with functools.partial
+
+
+@dataclass(frozen=True)
+class GRPOParams:
+    rewards: tuple[RewardSpec, ...]
+    num_generations: int = 8  # G completions per prompt
+    max_prompt_length: int = 512  # longer prompts keep their last tokens
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    generation_batch_size: int | None = None  # sequences per generate call; null: all at once
+    beta: float = 0.0  # KL coefficient; 0 loads no reference model
+    epsilon: float = 0.2  # ε_low
+    epsilon_high: float | None = None  # null: = epsilon (DAPO: 0.28)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    num_iterations: int = 1  # optimizer steps per generation round (μ)
+
+    def __post_init__(self):
+        require(len(self.rewards) > 0, "rewards", "expected at least one reward function")
+        require(self.num_generations >= 2, "num_generations",
+                "expected >= 2: advantages compare completions of the same prompt")
+        for name in ("max_prompt_length", "max_completion_length", "num_iterations"):
+            require(getattr(self, name) > 0, name, "expected > 0")
+        require(self.temperature > 0, "temperature", "expected > 0")
+        require(0 < self.top_p <= 1, "top_p", "expected in (0, 1]")
+        require(self.top_k >= 0, "top_k", "expected >= 0 (0: off)")
+        require(self.beta >= 0, "beta", "expected >= 0")
+        require(0 <= self.epsilon < 1, "epsilon", "expected in [0, 1)")
+        require(self.epsilon_high is None or self.epsilon_high >= 0, "epsilon_high",
+                "expected >= 0")
+        require(self.generation_batch_size is None or self.generation_batch_size > 0,
+                "generation_batch_size", "expected > 0 or null")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig  # train.batch_size counts completions: prompts per step x G
+    grpo: GRPOParams
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+
+    def __post_init__(self):
+        g, b = self.grpo.num_generations, self.train.batch_size
+        if b % g:
+            lower, upper = (b // g) * g, (b // g + 1) * g
+            divisors = [d for d in range(2, b + 1) if b % d == 0][-3:]
+            raise _field("train.batch_size",
+                         f"{b} completions per step is not a multiple of grpo.num_generations "
+                         f"{g} (each prompt's {g} completions must be in the same batch); set "
+                         f"train.batch_size to {' or '.join(str(v) for v in (lower, upper) if v)}"
+                         f", or grpo.num_generations to a divisor of {b} such as "
+                         f"{', '.join(map(str, divisors))}")
+        self.train.check_micro_batch()
+        mu = self.grpo.num_iterations
+        require(self.train.save_steps is None or self.train.save_steps % mu == 0,
+                "train.save_steps", f"expected a multiple of grpo.num_iterations {mu} "
+                "(checkpoints are taken between generation rounds)")
+        require(self.train.max_steps is None or self.train.max_steps % mu == 0,
+                "train.max_steps", f"expected a multiple of grpo.num_iterations {mu}")
+
+    def split(self, world: int) -> int:
+        """Prompts per process per round; each process generates whole groups."""
+        prompts = self.train.batch_size // self.grpo.num_generations
+        if prompts % world:
+            raise _field("train.batch_size",
+                         f"{prompts} prompts per step ({self.train.batch_size} completions / "
+                         f"{self.grpo.num_generations}) do not split over {world} processes; "
+                         f"use a multiple of {world * self.grpo.num_generations} completions")
+        self.train.accumulation_steps(world)
+        return prompts // world
+
+
+def _field(name: str, reason: str):
+    from .config import FieldError
+
+    return FieldError(name, reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts
+
+def pad_rollout(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                device) -> dict[str, torch.Tensor]:
+    """Left-pad prompts, right-pad completions: [pad.. prompt | completion ..pad].
+
+    -> input_ids, attention_mask, completion_mask: [b, P + C]
+    """
+    width_p = max(len(p) for p in prompts)
+    width_c = max(len(c) for c in completions)
+    ids = torch.full((len(prompts), width_p + width_c), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    completion = torch.zeros_like(ids)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        ids[row, width_p - len(p):width_p] = torch.tensor(p)
+        ids[row, width_p:width_p + len(c)] = torch.tensor(c)
+        attention[row, width_p - len(p):width_p + len(c)] = 1
+        completion[row, width_p:width_p + len(c)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": attention.to(device),
+            "completion_mask": completion.to(device)}
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], params: GRPOParams, pad_id: int,
+           eos_ids: set[int], device) -> list[list[int]]:
+    """One sampled completion per prompt (repeat prompts for G), cut after the first EOS."""
+    from transformers import GenerationConfig
+
+    # Every sampling knob is set explicitly: transformers fills unset (None) fields from the
+    # model's generation_config (Qwen2.5: top_k 20, top_p 0.8, repetition_penalty 1.05), which
+    # would sample from a distribution other than the π the loss assumes.
+    gen = GenerationConfig(
+        do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        min_p=0.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        max_new_tokens=params.max_completion_length, num_beams=1, use_cache=True,
+        pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
+    was_training = model.training
+    model.eval()  # gradient checkpointing would switch the KV cache off in train mode
+    chunk = params.generation_batch_size or len(prompts)
+    completions: list[list[int]] = []
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start:start + chunk]
+        width = max(len(p) for p in part)
+        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(part):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             generation_config=gen)[:, width:].tolist()
+        for tokens in out:
+            end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+            completions.append(tokens[:end])
+    model.train(was_training)
+    return completions
+
+
+def score(reward_fns: list, specs: tuple[RewardSpec, ...], prompts: list, completions: list[str],
+          columns: dict[str, list]) -> torch.Tensor:
+    """[N, F] rewards, NaN where a function returned None; checks what each function returns."""
+    out = torch.full((len(completions), len(reward_fns)), math.nan)
+    for j, (fn, spec) in enumerate(zip(reward_fns, specs)):
+        values = fn(prompts, completions, **columns)
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            raise TrainerConfigError(f"grpo.rewards.{j} ({spec.name}): returned "
+                                     f"{type(values).__name__} of length "
+                                     f"{len(values) if hasattr(values, '__len__') else '?'} for "
+                                     f"{len(completions)} completions; expected a list of floats")
+        for i, v in enumerate(values):
+            if v is not None:
+                if not isinstance(v, (int, float)):
+                    raise TrainerConfigError(f"grpo.rewards.{j} ({spec.name}): value {v!r} is "
+                                             "not a number or None")
+                out[i, j] = float(v)
+    return out
+
+
+def reward_metrics(rewards: torch.Tensor, total: torch.Tensor, specs, group: int) -> dict:
+    """Means/stds over the global batch, per function and of the weighted sum."""
+    from .losses import nanstd
+
+    metrics = {"reward": float(torch.nanmean(total)), "reward_std": float(nanstd(total))}
+    for j, spec in enumerate(specs):
+        column = rewards[:, j]
+        if torch.isnan(column).all():
+            continue
+        metrics[f"rewards/{spec.name}/mean"] = float(torch.nanmean(column))
+        metrics[f"rewards/{spec.name}/std"] = float(nanstd(column))
+    stds = nanstd(total.view(-1, group), dim=1)
+    metrics["frac_reward_zero_std"] = float((torch.nan_to_num(stds) < 1e-8).float().mean())
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
+    """Run GRPO as configured; return the output folder (final model, tokenizer, config).
+
+    `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
+    """
+    from accelerate.utils import gather, set_seed
+
+    from . import runtime
+    from .checkpointing import (
+        StopSignal,
+        load_training_state,
+        resolve_resume,
+        save_checkpoint,
+        save_model,
+    )
+    from .logprobs import token_logprobs
+    from .losses import group_advantages, grpo_token_loss
+    from .metrics import MetricsLogger
+    from .rewards import resolve_reward
+
+    train, params, data = config.train, config.grpo, config.data
+    group, mu = params.num_generations, params.num_iterations
+    out = Path(train.output_dir)
+    resume_dir = resolve_resume(out, resume)
+    accelerator = runtime.make_accelerator(train)
+    runtime.prepare_output_dir(accelerator, train, resume_dir)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    local_prompts = config.split(world)
+    micro = train.micro_batch_size
+
+    # Everything that can fail on user input happens before the model loads.
+    reward_fns = []
+    for j, spec in enumerate(params.rewards):
+        try:
+            reward_fns.append(resolve_reward(spec.name, spec.kwargs))
+        except ValueError as e:
+            raise TrainerConfigError(f"grpo.rewards.{j}.name: {e}") from None
+    tokenizer = runtime.load_tokenizer(config.model)
+    if data.chat and tokenizer.chat_template is None:
+        raise TrainerConfigError("data.chat: the tokenizer has no chat template; set false")
+    rows = load_rows(data, () if data.prompt_template else (data.prompt_field,))
+    prompts = [prompt_value(row, data) for row in rows]
+    prompt_ids = [tokenizer(render_generation_prompt(tokenizer, p, data),
+                            add_special_tokens=False)["input_ids"] for p in prompts]
+    cut = sum(len(p) > params.max_prompt_length for p in prompt_ids)
+    if cut:
+        log.warning("%d prompts are longer than grpo.max_prompt_length %d; their first tokens "
+                    "are dropped", cut, params.max_prompt_length)
+    prompt_ids = [p[-params.max_prompt_length:] for p in prompt_ids]
+    prompts_per_step = train.batch_size // group
+    rounds_per_epoch = len(rows) // prompts_per_step
+    if rounds_per_epoch == 0:
+        raise TrainerConfigError(f"train.batch_size: {prompts_per_step} prompts per step is more "
+                                 f"than the {len(rows)} rows")
+    max_steps = train.max_steps or math.ceil(train.epochs * rounds_per_epoch) * mu
+    eos_ids = {tokenizer.eos_token_id}
+
+    model = runtime.load_model(config.model, path=resume_dir)
+    generation_eos = model.generation_config.eos_token_id
+    extra = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    eos_ids |= set(extra) - {None}
+    ref = None
+    if params.beta > 0:
+        ref = runtime.load_model(config.model, trainable=False).to(device)
+    optimizer = runtime.make_optimizer(model, config.optim)
+    scheduler = runtime.make_scheduler(optimizer, config.optim, max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)  # scheduler: stepped by us
+    policy = accelerator.unwrap_model(model)
+    state = {"step": 0}
+    if resume_dir is not None:
+        runtime.warn_config_changes(resume_dir / "trainer_config.yaml", config)
+        state = load_training_state(resume_dir, accelerator, optimizer, scheduler)
+        log.info("resumed from %s at step %d", resume_dir, state["step"])
+    else:
+        set_seed(train.seed, device_specific=True)  # each process samples differently
+    step = state["step"]
+    last_checkpoint = str(resume_dir) if resume_dir else None
+    logger = MetricsLogger(accelerator, out, "grpo", to_dict(config), max_steps, step,
+                           train.progress_bar)
+
+    def checkpoint(metrics: dict) -> str:
+        return str(save_checkpoint(
+            out, accelerator, model, tokenizer, optimizer, scheduler, config,
+            {"step": step, "round": step // mu, "prompts_seen": step // mu * prompts_per_step,
+             "metrics": metrics}, train.max_shard_size, train.save_total_limit))
+
+    def logps_of(net, batch, grad: bool) -> torch.Tensor:
+        with nullcontext() if grad else torch.no_grad(), accelerator.autocast():
+            return token_logprobs(net, batch["input_ids"], batch["attention_mask"],
+                                  batch["completion_mask"], params.temperature)
+
+    metrics: dict = {}
+    orders: dict[int, list[int]] = {}
+    with StopSignal() as stop:
+        while step < max_steps:
+            # ---- generation round: this process's prompts, G completions each --------------
+            t0 = time.perf_counter()
+            epoch, offset = divmod(step // mu, rounds_per_epoch)
+            if epoch not in orders:
+                orders = {epoch: epoch_order(len(rows), epoch, train.seed, data.shuffle)}
+            batch = orders[epoch][offset * prompts_per_step:(offset + 1) * prompts_per_step]
+            mine = [j for j in batch[rank * local_prompts:(rank + 1) * local_prompts]
+                    for _ in range(group)]  # each prompt G times, consecutive
+            completions = sample(policy, [prompt_ids[j] for j in mine], params,
+                                 tokenizer.pad_token_id, eos_ids, device)
+            gen_seconds = time.perf_counter() - t0
+            texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+            keys = sorted({k for j in mine for k in rows[j]} - {data.prompt_field})
+            columns = {k: [rows[j].get(k) for j in mine] for k in keys}
+            local_rewards = score(reward_fns, params.rewards, [prompts[j] for j in mine], texts,
+                                  columns)
+            rewards = gather(local_rewards.to(device)).cpu()  # [B, F], in process order
+            weights = torch.tensor([s.weight for s in params.rewards])
+            total = (rewards * weights).nansum(dim=1)
+            total[torch.isnan(rewards).all(dim=1)] = math.nan  # no reward applied: no signal
+            advantages = group_advantages(total, group, params.scale_rewards)
+            advantages = advantages[rank * len(mine):(rank + 1) * len(mine)].to(device)
+            lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+            ended = torch.tensor([float(bool(c) and c[-1] in eos_ids) for c in completions])
+            lengths, ended = gather(lengths.to(device)).cpu(), gather(ended.to(device)).cpu()
+            round_metrics = {**reward_metrics(rewards, total, params.rewards, group),
+                             "completion_length/mean": float(lengths.mean()),
+                             "completion_length/min": float(lengths.min()),
+                             "completion_length/max": float(lengths.max()),
+                             "terminated_fraction": float(ended.mean()), "gen_s": gen_seconds}
+            num_tokens = float(lengths.sum())  # completion tokens of the global batch (dapo)
+
+            pieces = [pad_rollout([prompt_ids[j] for j in mine[k:k + micro]],
+                                  completions[k:k + micro], tokenizer.pad_token_id, device)
+                      for k in range(0, len(mine), micro)]
+            for k, piece in enumerate(pieces):
+                piece["advantages"] = advantages[k * micro:(k + 1) * micro]
+                # π_old is needed only when the batch is reused; otherwise logp.detach() is it.
+                piece["old"] = logps_of(model, piece, grad=False) if mu > 1 else None
+                piece["ref"] = logps_of(ref, piece, grad=False) if ref is not None else None
+
+            # ---- μ optimizer steps on this batch ------------------------------------------
+            for _ in range(mu):
+                sums = torch.zeros(6, device=device)  # loss, kl, clip low/high/region, tokens
+                for k, piece in enumerate(pieces):
+                    sync = k == len(pieces) - 1
+                    with nullcontext() if sync else accelerator.no_sync(model):
+                        logp = logps_of(model, piece, grad=True)  # [b, T]
+                        loss, m = grpo_token_loss(
+                            logp, piece["old"] if mu > 1 else logp.detach(), piece["ref"],
+                            piece["advantages"], piece["completion_mask"],
+                            eps_low=params.epsilon,
+                            eps_high=params.epsilon_high if params.epsilon_high is not None
+                            else params.epsilon, beta=params.beta, aggregation=params.loss_type,
+                            max_completion_length=params.max_completion_length,
+                            num_sequences=train.batch_size, num_tokens=num_tokens)
+                        # Global normalisers make each piece's share exact; `world` undoes DDP's
+                        # average. bnpo is per micro-batch by definition: average the pieces.
+                        scale = 1 / len(pieces) if params.loss_type == "bnpo" else world
+                        accelerator.backward(loss * scale)
+                    t = m["tokens"]
+                    sums += torch.stack([loss.detach() * scale / world, m["kl"] * t,
+                                         m["clip_low"] * t, m["clip_high"] * t,
+                                         m["clip_region"] * t, t]).to(device)
+                sums = runtime.reduce_sum(accelerator, sums).tolist()
+                loss_value, tokens = sums[0], max(sums[5], 1.0)
+                runtime.check_finite(loss_value, step + 1, "loss", last_checkpoint)
+                grad_norm = runtime.clip_gradients(accelerator, model,
+                                                     config.optim.max_grad_norm)
+                runtime.check_finite(grad_norm, step + 1, "gradient norm", last_checkpoint)
+                optimizer.step()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                seconds = time.perf_counter() - t0
+                metrics = {"loss": loss_value, **round_metrics, "kl": sums[1] / tokens,
+                           "clip_ratio/low": sums[2] / tokens, "clip_ratio/high": sums[3] / tokens,
+                           "clip_ratio/region": sums[4] / tokens, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": num_tokens / seconds, "step_s": seconds}
+                t0 = time.perf_counter()
+                if step % train.log_steps == 0 or step == max_steps:
+                    logger.log(step, metrics)
+                logger.advance(step, metrics)
+
+            # ---- between rounds: checkpoints and signals ----------------------------------
+            saved = train.save_steps is not None and step % train.save_steps == 0
+            if saved:
+                last_checkpoint = checkpoint(metrics)
+            signum = stop.requested(accelerator)
+            if signum:
+                if not saved:
+                    last_checkpoint = checkpoint(metrics)
+                logger.close()
+                raise TrainingInterrupted(f"stopped at step {step}: checkpoint {last_checkpoint};"
+                                          " continue with --resume", signum, last_checkpoint)
+    save_model(out, accelerator, model, tokenizer, config,
+               {"step": step, "round": step // mu, "metrics": metrics}, train.max_shard_size)
+    logger.close()
+    log.info("GRPO finished after %d steps; model written to %s", step, out)
+    return out
+
+
+if __name__ == "__main__":  # python -m trainers.grpo CONFIG [--set k=v] [--resume [DIR]]
+    from .cli import grpo as _command
+
+    _command(prog_name="python -m trainers.grpo")

@@ -1,0 +1,317 @@
+"""Supervised fine-tuning on completions, with optional C-RLFT conditioning.
+
+Standard causal-LM SFT: cross-entropy on completion (assistant) tokens only; prompt tokens,
+role headers and padding are masked. C-RLFT (OpenChat, https://arxiv.org/abs/2309.11235): each
+row carries a source class, written into the role prefix (`"GPT4 user"` / `"GPT4 assistant"`)
+or as a system message, and a per-class weight; the loss is the weighted token cross-entropy
+divided by the sum of weights in the global batch (`losses.sft_loss`).
+
+    mergekit-rl train sft manifests/train/sft_gsm8k_qwen2.5_1.5b.yaml
+    torchrun --nproc_per_node 2 -m trainers.sft CONFIG.yaml      # data-parallel, same maths
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require, to_dict
+from .data import (
+    as_messages,
+    epoch_order,
+    load_rows,
+    prompt_value,
+    split_conversation,
+    tokenize_segments,
+)
+from .errors import TrainerConfigError, TrainingInterrupted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CRLFTConfig:
+    class_weights: dict[str, float]  # source class -> weight (OpenChat: expert 1.0, other 0.1)
+    source_field: str = "source"
+    condition: Literal["role", "system"] = "role"  # where the class is written
+    role_format: str = "{source} {role}"  # condition: role -> "GPT4 user", "GPT4 assistant"
+    system_format: str = "{source}"  # condition: system -> a system message
+
+    def __post_init__(self):
+        require(bool(self.class_weights), "class_weights", "expected at least one class")
+        for name, w in self.class_weights.items():
+            require(w >= 0, f"class_weights.{name}", f"expected a weight >= 0, got {w}")
+        require(any(w > 0 for w in self.class_weights.values()), "class_weights",
+                "every weight is 0: nothing would be learned")
+
+
+@dataclass(frozen=True)
+class SFTParams:
+    max_length: int = 1024  # prompt + completion tokens; longer rows are cut on the right
+    crlft: CRLFTConfig | None = None
+
+    def __post_init__(self):
+        require(self.max_length > 1, "max_length", "expected > 1")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTParams = field(default_factory=SFTParams)
+
+    def __post_init__(self):
+        self.train.check_micro_batch()
+        if self.sft.crlft is not None:
+            require(self.data.chat, "data.chat", "C-RLFT conditions the chat roles; set true")
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    weights: list[float]  # per token: class weight on trained tokens, 0 elsewhere
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def condition(messages: list[dict], source: str, crlft: CRLFTConfig) -> list[dict]:
+    """Write the source class into the conversation (C-RLFT's class-conditioned prompt)."""
+    if crlft.condition == "system":
+        text = crlft.system_format.format(source=source)
+        if messages and messages[0]["role"] == "system":
+            return [{**messages[0], "content": f"{text}\n{messages[0]['content']}"}] + messages[1:]
+        return [{"role": "system", "content": text}] + messages
+    return [{**m, "role": crlft.role_format.format(source=source, role=m["role"])}
+            if m["role"] in ("user", "assistant") else m for m in messages]
+
+
+def check_role_template(tokenizer, crlft: CRLFTConfig) -> None:
+    """Fail early when the chat template would drop or rename conditioned roles."""
+    role = crlft.role_format.format(source="probe-class", role="user")
+    text = tokenizer.apply_chat_template([{"role": role, "content": "x"}], tokenize=False)
+    if role not in text:
+        raise TrainerConfigError(f"sft.crlft.condition: the tokenizer's chat template does not "
+                                 f"write custom roles such as {role!r}; use condition: system")
+
+
+def build_examples(rows: list[dict], tokenizer, config: SFTConfig) -> list[Example]:
+    """Tokenise rows into ids and per-token weights; errors name the row."""
+    data, crlft, max_length = config.data, config.sft.crlft, config.sft.max_length
+    if data.chat and tokenizer.chat_template is None:
+        raise TrainerConfigError("data.chat: the tokenizer has no chat template; set "
+                                 "data.chat: false for plain-text prompt + completion")
+    if crlft is not None and crlft.condition == "role":
+        check_role_template(tokenizer, crlft)
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    examples, skipped = [], 0
+    for i, row in enumerate(rows):
+        weight = 1.0
+        if data.messages_field:
+            messages = as_messages(row[data.messages_field], "user", data.system_prompt)
+            first_trained = 0
+        else:
+            prompt = as_messages(prompt_value(row, data), "user", data.system_prompt)
+            messages = prompt + as_messages(row[data.completion_field], "assistant")
+            first_trained = len(prompt)
+        is_assistant = [m["role"] == "assistant" for m in messages]
+        if crlft is not None:
+            source = row.get(crlft.source_field)
+            if source not in crlft.class_weights:
+                raise TrainerConfigError(
+                    f"data row {i}: source class {source!r} (field {crlft.source_field!r}) is not "
+                    f"in sft.crlft.class_weights ({', '.join(crlft.class_weights)})")
+            weight = crlft.class_weights[source]
+            conditioned = condition(messages, source, crlft)
+            shift = len(conditioned) - len(messages)  # a system message may have been added
+            messages, first_trained = conditioned, first_trained + shift
+            is_assistant = [False] * shift + is_assistant
+        if data.chat:
+            def trained(j, m, first=first_trained, is_assistant=is_assistant):
+                return j >= first and is_assistant[j]
+            try:
+                segments = split_conversation(render, messages, trained)
+            except TrainerConfigError as e:
+                raise TrainerConfigError(f"data row {i}: {e}") from None
+        else:
+            prompt_text = "\n".join(m["content"] for m in messages[:first_trained])
+            completion = "".join(m["content"] for m in messages[first_trained:])
+            segments = [(prompt_text, False), (completion + tokenizer.eos_token, True)]
+        ids, mask = tokenize_segments(tokenizer, segments, max_length)
+        if not any(mask):
+            skipped += 1
+            continue
+        examples.append(Example(ids, [weight if m else 0.0 for m in mask]))
+    if skipped:
+        log.warning("%d of %d rows have no completion token within sft.max_length %d; skipped",
+                    skipped, len(rows), max_length)
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch. -> input_ids, attention_mask, weights: [b, T]"""
+    length = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.long)
+    weights = torch.zeros((len(examples), length), dtype=torch.float32)
+    for row, e in enumerate(examples):
+        n = len(e.ids)
+        ids[row, :n] = torch.tensor(e.ids)
+        attention[row, :n] = 1
+        weights[row, :n] = torch.tensor(e.weights)
+    return {"input_ids": ids.to(device), "attention_mask": attention.to(device),
+            "weights": weights.to(device)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+def train_sft(config: SFTConfig, resume: str | None = None) -> Path:
+    """Run SFT as configured; return the output folder (final model, tokenizer, config).
+
+    `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
+    """
+    from accelerate.utils import set_seed
+
+    from . import runtime
+    from .checkpointing import (
+        StopSignal,
+        load_training_state,
+        resolve_resume,
+        save_checkpoint,
+        save_model,
+    )
+    from .logprobs import token_logprobs
+    from .losses import sft_loss
+    from .metrics import MetricsLogger
+
+    train = config.train
+    out = Path(train.output_dir)
+    resume_dir = resolve_resume(out, resume)
+    accelerator = runtime.make_accelerator(train)
+    runtime.prepare_output_dir(accelerator, train, resume_dir)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    train.accumulation_steps(world)  # validates the batch split before any work
+
+    # Everything that can fail on user input happens before the model loads.
+    tokenizer = runtime.load_tokenizer(config.model)
+    data = config.data
+    if data.messages_field:
+        required = (data.messages_field,)
+    elif data.prompt_template:
+        required = (data.completion_field,)
+    else:
+        required = (data.prompt_field, data.completion_field)
+    examples = build_examples(load_rows(data, required), tokenizer, config)
+    steps_per_epoch = len(examples) // train.batch_size
+    if steps_per_epoch == 0:
+        raise TrainerConfigError(f"train.batch_size: {train.batch_size} is more than the "
+                                 f"{len(examples)} usable rows")
+    max_steps = runtime.total_steps(train, steps_per_epoch)
+
+    model = runtime.load_model(config.model, path=resume_dir)
+    optimizer = runtime.make_optimizer(model, config.optim)
+    scheduler = runtime.make_scheduler(optimizer, config.optim, max_steps)
+    # The scheduler stays outside `prepare`: accelerate would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = {"step": 0}
+    if resume_dir is not None:
+        runtime.warn_config_changes(resume_dir / "trainer_config.yaml", config)
+        state = load_training_state(resume_dir, accelerator, optimizer, scheduler)
+        log.info("resumed from %s at step %d", resume_dir, state["step"])
+    else:
+        set_seed(train.seed, device_specific=True)
+    step = state["step"]
+    last_checkpoint = str(resume_dir) if resume_dir else None
+    logger = MetricsLogger(accelerator, out, "sft", to_dict(config), max_steps, step,
+                           train.progress_bar)
+
+    def checkpoint(metrics: dict) -> str:
+        return str(save_checkpoint(
+            out, accelerator, model, tokenizer, optimizer, scheduler, config,
+            {"step": step, "epoch": step / steps_per_epoch, "rows_seen": step * train.batch_size,
+             "metrics": metrics}, train.max_shard_size, train.save_total_limit))
+
+    per_device = train.batch_size // world
+    orders: dict[int, list[int]] = {}
+    metrics: dict = {}
+    with StopSignal() as stop:
+        while step < max_steps:
+            t0 = time.perf_counter()
+            # This step's global batch is a fixed slice of the epoch order; this process takes
+            # its contiguous share, split into micro-batches.
+            epoch, offset = divmod(step, steps_per_epoch)
+            if epoch not in orders:
+                orders = {epoch: epoch_order(len(examples), epoch, train.seed, config.data.shuffle)}
+            batch = orders[epoch][offset * train.batch_size:(offset + 1) * train.batch_size]
+            mine = [examples[j] for j in batch[rank * per_device:(rank + 1) * per_device]]
+            micro = [collate(mine[k:k + train.micro_batch_size], tokenizer.pad_token_id,
+                             accelerator.device)
+                     for k in range(0, per_device, train.micro_batch_size)]
+            local = torch.stack([sum(mb["weights"].sum() for mb in micro),
+                                 torch.tensor(float(sum(int(mb["attention_mask"].sum())
+                                                        for mb in micro)))])
+            total_weight, tokens = runtime.reduce_sum(accelerator, local).tolist()
+
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for k, mb in enumerate(micro):
+                sync = k == len(micro) - 1  # all-reduce gradients once, after the last piece
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"],
+                                           (mb["weights"] > 0).long())  # [b, T]
+                    # DDP averages gradients over processes; scaling by `world` turns that
+                    # average into the sum, so the result is Σ w·CE / Σ w of the global batch.
+                    loss = sft_loss(logps, mb["weights"], total_weight)
+                    accelerator.backward(loss * world)
+                loss_sum += loss.detach()
+            loss_value = float(runtime.reduce_sum(accelerator, loss_sum))
+            runtime.check_finite(loss_value, step + 1, "loss", last_checkpoint)
+            grad_norm = runtime.clip_gradients(accelerator, model, config.optim.max_grad_norm)
+            runtime.check_finite(grad_norm, step + 1, "gradient norm", last_checkpoint)
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            seconds = time.perf_counter() - t0
+            metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                       "weight_sum": total_weight, "tokens": tokens,
+                       "tokens_per_s": tokens / seconds, "step_s": seconds,
+                       "epoch": step / steps_per_epoch}
+            if step % train.log_steps == 0 or step == max_steps:
+                logger.log(step, metrics)
+            logger.advance(step, metrics)
+            saved = train.save_steps is not None and step % train.save_steps == 0
+            if saved:
+                last_checkpoint = checkpoint(metrics)
+            signum = stop.requested(accelerator)
+            if signum:
+                if not saved:
+                    last_checkpoint = checkpoint(metrics)
+                logger.close()
+                raise TrainingInterrupted(f"stopped at step {step}: checkpoint {last_checkpoint};"
+                                          " continue with --resume", signum, last_checkpoint)
+    save_model(out, accelerator, model, tokenizer, config,
+               {"step": step, "epoch": step / steps_per_epoch, "metrics": metrics},
+               train.max_shard_size)
+    logger.close()
+    log.info("SFT finished after %d steps; model written to %s", step, out)
+    return out
+
+
+if __name__ == "__main__":  # python -m trainers.sft CONFIG [--set k=v] [--resume [DIR]]
+    from .cli import sft as _command
+
+    _command(prog_name="python -m trainers.sft")
