@@ -312,14 +312,23 @@ def inspect(path, as_json, plot):
 @main.command()
 @click.option("-o", "--out", "out", default="demo_out", show_default=True,
               type=click.Path(path_type=Path), help="Where everything goes.")
+@click.option("--quick", is_flag=True, help="A smaller run (about a minute) for tests.")
 @click.option("--fresh", is_flag=True, help="Start again instead of reusing finished stages.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Change a recipe value, e.g. --set grpo_steps=200 (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_errors_to_exit
-def demo(out, fresh):
-    """Run the miniature experiment on this CPU with no network."""
+def demo(out, quick, fresh, overrides, quiet):
+    """Run the reasoning-vector experiment in miniature on this CPU with no network.
+
+    Pretrains a tiny Qwen2, trains the SFT and GRPO donors and an instruct sibling, extracts
+    the vector GRPO − SFT, adds and subtracts it, runs WPO and DPO, and reports held-out
+    accuracies (table, OUT/report.json, OUT/report.png). Finished stages are reused.
+    """
     from .demo import run_demo
 
-    _setup_logging(False)
-    for line in run_demo(out, fresh=fresh):
+    _setup_logging(quiet)
+    for line in run_demo(out, quick=quick, fresh=fresh, overrides=overrides, quiet=quiet):
         click.echo(line)
 
 

@@ -1,0 +1,78 @@
+"""`mergekit-rl demo --quick`: every stage leaves its artefact, the report has every row, a
+rerun reuses finished stages, and the vector stages agree with an in-memory recomputation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import load_state
+
+from mergekit_rl.cli import main
+from mergekit_rl.demo import GOALS, ROWS, make_recipe
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = CliRunner().invoke(main, ["demo", "--quick", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_every_stage_produces_its_artefact(quick_run):
+    out, output = quick_run
+    for name in ("base", "sft", "grpo", "instruct", "instruct_plus_v", "instruct_minus_v",
+                 "merge", "wpo", "dpo"):
+        assert (out / "models" / name / "config.json").is_file(), name
+        assert list((out / "models" / name).glob("*.safetensors")), name
+    assert (out / "vector" / "provenance.json").is_file()
+    assert (out / "data" / "pairs.jsonl").stat().st_size > 0
+    for name in ("pretrain", "sft", "grpo", "instruct", "pairs", "wpo", "dpo", "merge"):
+        assert (out / "configs" / f"{name}.yaml").is_file(), name
+    assert (out / "report.png").stat().st_size > 0
+    for text in ("model", "word problems", "instruct+v", "grpo beats sft"):
+        assert text in output
+
+
+def test_report_has_every_row(quick_run):
+    out, _ = quick_run
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["model"], r["task"]) for r in report["rows"]] == list(ROWS)
+    for row in report["rows"]:
+        assert 0 <= row["accuracy"] <= 100 and row["n"] == make_recipe(quick=True).n_test
+    assert [g["goal"] for g in report["goals"]] == [g[0] for g in GOALS]
+    assert report["vector"]["groups"]
+
+
+def test_vector_stages_match_an_in_memory_recomputation(quick_run):
+    out, _ = quick_run
+    grpo, sft, inst = (load_state(out / "models" / n) for n in ("grpo", "sft", "instruct"))
+    plus, minus = load_state(out / "models" / "instruct_plus_v"), \
+        load_state(out / "models" / "instruct_minus_v")
+    merged = load_state(out / "models" / "merge")
+    for k in inst:
+        v = grpo[k] - sft[k]
+        torch.testing.assert_close(plus[k], inst[k] + v, rtol=0, atol=1e-6)
+        torch.testing.assert_close(minus[k], inst[k] - v, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged[k], plus[k], rtol=0, atol=1e-6)
+
+
+def test_rerun_reuses_finished_stages(quick_run):
+    out, _ = quick_run
+    before = (out / "report.json").read_text()
+    result = CliRunner().invoke(main, ["demo", "--quick", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    stage_lines = [line for line in result.output.splitlines() if line.startswith("[")]
+    assert stage_lines and all("reused" in line for line in stage_lines)
+    assert json.loads((out / "report.json").read_text())["rows"] == json.loads(before)["rows"]
+
+
+def test_bad_recipe_override_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--quick", "-o", str(tmp_path / "o"),
+                                       "--set", "grpo_stepz=3"])
+    assert result.exit_code == 1
+    assert "grpo_stepz" in result.output and "grpo_steps" in result.output
+    assert not (tmp_path / "o").exists()
