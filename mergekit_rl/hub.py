@@ -8,6 +8,7 @@ the huggingface_hub login, offline mode from `HF_HUB_OFFLINE`, as everywhere in 
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
@@ -158,10 +159,11 @@ def _with_retries(what: str, repo_id: str, fn, delays=None):
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, commit_message: str | None = None, repo_type: str = "model",
-         max_commit_bytes: int = 50 * 10**9) -> PushResult:
+         max_commit_bytes: int = 50 * 10**9, ignore: tuple[str, ...] = ()) -> PushResult:
     """Upload a folder to the Hub: create the repo if needed, then one commit — or, for folders
     larger than `max_commit_bytes`, several commits that skip files already uploaded (so a
-    failed push can be rerun and resumes), with the small files (card, config) last."""
+    failed push can be rerun and resumes), with the small files (card, config) last. Files
+    matching an `ignore` glob (relative posix paths) and hidden files stay local."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -178,14 +180,19 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     if revision and not create_pr:
         _with_retries("create the branch", repo_id, lambda: api.create_branch(
             repo_id, branch=revision, repo_type=repo_type, exist_ok=True))
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    def skipped_file(rel: Path) -> bool:
+        return (any(part.startswith(".") for part in rel.parts)
+                or any(fnmatch.fnmatch(rel.as_posix(), pattern) for pattern in ignore))
+
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not skipped_file(p.relative_to(folder)))
     total = sum(p.stat().st_size for p in files)
 
     def upload(allow=None, msg=message):
         return _with_retries("upload", repo_id, lambda: api.upload_folder(
             repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision,
-            create_pr=create_pr, commit_message=msg, allow_patterns=allow))
+            create_pr=create_pr, commit_message=msg, allow_patterns=allow,
+            ignore_patterns=list(ignore) or None))
 
     if total <= max_commit_bytes or create_pr:
         info = upload()

@@ -1,6 +1,8 @@
 """Publishing and loading by repo id through the real huggingface_hub client, against the local
 FakeHub (tests/hub_server.py) on 127.0.0.1: only the endpoint is replaced, not our code."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -12,6 +14,7 @@ from mergekit_rl import hub as hub_mod
 from mergekit_rl.cli import main
 
 TOKEN = "hf_secret_token_for_tests_123"
+REPO_MANIFESTS = Path(__file__).resolve().parents[1] / "manifests" / "train"
 
 
 @pytest.fixture
@@ -159,3 +162,49 @@ def test_manifest_push_section(fake, tmp_path, tiny_models):
     cli("merge", p, "-q")
     assert fake.repos["model/org/from-manifest"].private
     assert "merge.yaml" in fake.repos["model/org/from-manifest"].files
+
+
+def test_trainer_push_to_hub_with_card(fake, tmp_path):
+    # A 2-step SFT run pushed at the end: weights, tokenizer and a card with the recipe and the
+    # final metrics travel; checkpoints stay local; the token is in no file.
+    from mergekit_rl.tiny import build_model, build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    start = build_model(tmp_path / "start", hidden_size=32, intermediate_size=64, num_layers=2,
+                        tied=True, tokenizer_dir=tmp_path / "tok")
+    out = tmp_path / "run"
+    r = cli("train", "sft", REPO_MANIFESTS / "sft_tiny.yaml", "--set", f"model.path={start}",
+            "--set", f"train.output_dir={out}",
+            "--set", "train.max_steps=2", "--set", "train.save_steps=1",
+            "--set", "train.batch_size=4", "--set", "train.micro_batch_size=4",
+            "--set", "train.report_to=[none]", "-q", "--push-to-hub", "org/sft-run")
+    assert (out / "checkpoint-2").is_dir()
+    files = fake.repos["model/org/sft-run"].files
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md",
+            "trainer_config.yaml"} <= set(files)
+    assert not [f for f in files if f.startswith("checkpoint-")]
+    text = files["README.md"].decode()
+    meta, body = front_matter(text), text
+    assert meta["library_name"] == "transformers" and "sft" in meta["tags"]
+    assert "## Final metrics" in body and "| loss |" in body and "max_steps: 2" in body
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert TOKEN.encode() not in f.read_bytes(), f
+    assert len(tok) > 0 and r.exit_code == 0
+
+
+def test_trainer_push_failure_keeps_the_run(fake, tmp_path, tiny_models, monkeypatch):
+    from mergekit_rl.tiny import build_model, build_tokenizer
+
+    build_tokenizer(tmp_path / "tok")
+    start = build_model(tmp_path / "start", hidden_size=32, intermediate_size=64, num_layers=2,
+                        tied=True, tokenizer_dir=tmp_path / "tok")
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    out = tmp_path / "run"
+    r = cli("train", "sft", REPO_MANIFESTS / "sft_tiny.yaml", "--set", f"model.path={start}",
+            "--set", f"train.output_dir={out}",
+            "--set", "train.max_steps=1", "--set", "train.batch_size=4",
+            "--set", "train.micro_batch_size=4", "--set", "train.report_to=[none]", "-q",
+            "--push-to-hub", "org/x", ok=False)
+    assert r.exit_code == 1 and "org/x" in r.output and str(out) in r.output
+    assert (out / "model.safetensors").is_file()

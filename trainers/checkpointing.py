@@ -75,6 +75,10 @@ def save_model(directory: Path, accelerator, model, tokenizer, config, state: di
         tokenizer.save_pretrained(directory)
         save_config(config, directory / "trainer_config.yaml")
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        from .card import write_training_card
+        from .config import to_dict
+
+        write_training_card(directory, config, to_dict(config), state)
     accelerator.wait_for_everyone()
 
 

@@ -39,8 +39,37 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+# Training-only files that stay local when a run is pushed.
+PUSH_IGNORE = ("checkpoint-*", "*.tmp", "*.tmp/*", "ref_logps.pt", "runs/*")
+
+
+def push_option(command):
+    command = click.option("--private", is_flag=True,
+                           help="Create the --push-to-hub repo as private.")(command)
+    return click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
+                        help="Upload the final model (weights, tokenizer, config, model card) "
+                             "to this Hub repo when training ends.")(command)
+
+
+def push_result(out: Path, repo_id: str | None, private: bool, kind: str, quiet: bool) -> None:
+    """Publish a finished run's folder; a failed push leaves the local folder as it is."""
+    if not repo_id:
+        return
+    from mergekit_rl.errors import MergekitRLError
+    from mergekit_rl.hub import push
+
+    try:
+        result = push(out, repo_id, private=private, ignore=PUSH_IGNORE,
+                      commit_message=f"mergekit-rl train {kind}: {Path(out).name}")
+    except MergekitRLError as e:
+        raise click.ClickException(f"{e} (the model is saved in {out})") from None
+    if not quiet:
+        click.echo(f"pushed to {result.commit_url}")
+
+
 def _run(trainer: str, config_path: Path, overrides: tuple[str, ...], resume: str | None,
-         quiet: bool, verbose: bool) -> None:
+         quiet: bool, verbose: bool, push_to_hub: str | None = None,
+         private: bool = False) -> None:
     from .errors import TrainerError, TrainingInterrupted
 
     _setup_logging(quiet, verbose)
@@ -73,6 +102,7 @@ def _run(trainer: str, config_path: Path, overrides: tuple[str, ...], resume: st
         raise click.ClickException(message) from None
     if not quiet:
         click.echo(f"{trainer}: model written to {out}")
+    push_result(out, push_to_hub, private, trainer, quiet)
 
 
 def _command(trainer: str, doc: str):
@@ -85,8 +115,9 @@ def _command(trainer: str, doc: str):
                   help="Continue from a checkpoint: DIR, or the newest in train.output_dir.")
     @click.option("-q", "--quiet", is_flag=True, help="Errors only; no progress bar.")
     @click.option("-v", "--verbose", is_flag=True, help="Debug logging (and transformers').")
-    def command(config, overrides, resume, quiet, verbose):
-        _run(trainer, config, overrides, resume, quiet, verbose)
+    @push_option
+    def command(config, overrides, resume, quiet, verbose, push_to_hub, private):
+        _run(trainer, config, overrides, resume, quiet, verbose, push_to_hub, private)
 
     return command
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .cli import _setup_logging
+from .cli import _setup_logging, push_option, push_result
 
 SECTIONS = ("model", "data", "train", "optim", "wpo", "reward", "generation", "pairs", "rso",
             "output", "seed", "overwrite")
@@ -41,7 +41,8 @@ def _common(command):
 @_common
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[DIR]",
               help="Continue from a checkpoint: DIR, or the newest in train.output_dir.")
-def wpo(config, overrides, quiet, verbose, resume):
+@push_option
+def wpo(config, overrides, quiet, verbose, resume, push_to_hub, private):
     """Preference optimisation with WPO weighting (arXiv 2406.11827) over the DPO family.
 
     wpo.loss_type: sigmoid (DPO, cDPO with wpo.label_smoothing), robust, ipo, hinge (RSO
@@ -73,6 +74,7 @@ def wpo(config, overrides, quiet, verbose, resume):
         raise _user_error(config, e) from None
     if not quiet:
         click.echo(f"wpo: model written to {out}")
+    push_result(out, push_to_hub, private, "wpo", quiet)
 
 
 def _sample(kind: str, config: Path, overrides, quiet: bool, verbose: bool) -> None:
