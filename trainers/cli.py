@@ -7,6 +7,7 @@ The only place in `trainers/` that prints or exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -67,13 +68,42 @@ def push_result(out: Path, repo_id: str | None, private: bool, kind: str, quiet:
         click.echo(f"pushed to {result.commit_url}")
 
 
+@contextlib.contextmanager
+def user_errors(config_path: Path, sections: tuple[str, ...] = SECTIONS,
+                interrupted: str = "no checkpoint was written for the current step"):
+    """Turn what a user can fix into a one-line error naming the config; signals into exits."""
+    from .errors import TrainerError, TrainingInterrupted
+
+    try:
+        yield
+    except TrainingInterrupted as e:
+        click.echo(f"interrupted: {e}", err=True)
+        sys.exit(128 + int(e.signum))
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {interrupted}", err=True)
+        sys.exit(128 + signal.SIGINT)
+    except (TrainerError, OSError, ImportError, ValueError) as e:
+        message = str(e)
+        if str(config_path) not in message and message.split(".")[0].split(":")[0] in sections:
+            message = f"{config_path}: {message}"
+        raise click.ClickException(message) from None
+
+
+def quiet_config(config, quiet: bool):
+    """`--quiet` also switches the progress bar off."""
+    if not quiet:
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                 progress_bar=False))
+
+
 def _run(trainer: str, config_path: Path, overrides: tuple[str, ...], resume: str | None,
          quiet: bool, verbose: bool, push_to_hub: str | None = None,
          private: bool = False) -> None:
-    from .errors import TrainerError, TrainingInterrupted
-
     _setup_logging(quiet, verbose)
-    try:
+    with user_errors(config_path):
         from .config import load_config
 
         if trainer == "sft":
@@ -82,24 +112,8 @@ def _run(trainer: str, config_path: Path, overrides: tuple[str, ...], resume: st
         else:
             from .grpo import GRPOConfig as config_cls
             from .grpo import train_grpo as run
-        config = load_config(config_cls, config_path, overrides)
-        if quiet:
-            import dataclasses
-
-            config = dataclasses.replace(
-                config, train=dataclasses.replace(config.train, progress_bar=False))
-        out = run(config, resume=resume)
-    except TrainingInterrupted as e:
-        click.echo(f"interrupted: {e}", err=True)
-        sys.exit(128 + int(e.signum))
-    except KeyboardInterrupt:
-        click.echo("interrupted: no checkpoint was written for the current step", err=True)
-        sys.exit(128 + signal.SIGINT)
-    except (TrainerError, OSError, ImportError, ValueError) as e:
-        message = str(e)
-        if str(config_path) not in message and message.split(".")[0].split(":")[0] in SECTIONS:
-            message = f"{config_path}: {message}"
-        raise click.ClickException(message) from None
+        out = run(quiet_config(load_config(config_cls, config_path, overrides), quiet),
+                  resume=resume)
     if not quiet:
         click.echo(f"{trainer}: model written to {out}")
     push_result(out, push_to_hub, private, trainer, quiet)

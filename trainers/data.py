@@ -187,3 +187,16 @@ def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], max_length: i
     if trained:
         trained[0] = False  # the first token has no prediction
     return ids[:max_length], trained[:max_length]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """Left-pad token lists for generation. -> input_ids, attention_mask: LongTensor [b, T]"""
+    import torch
+
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, x in enumerate(seqs):
+        ids[row, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[row, width - len(x):] = 1
+    return ids, mask

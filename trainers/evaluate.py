@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
+from .data import left_pad
 
 
 def end_token_ids(tokenizer, model) -> list[int]:
@@ -50,13 +51,8 @@ def greedy_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     device = next(model.parameters()).device
     responses: list[str] = []
     for start in range(0, len(encoded), batch_size):
-        part = encoded[start:start + batch_size]
-        width = max(map(len, part))
-        ids = torch.full((len(part), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(part):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad(encoded[start:start + batch_size], pad)
+        width = ids.shape[1]
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              generation_config=config)[:, width:].tolist()
         for tokens in out:

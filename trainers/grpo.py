@@ -23,8 +23,8 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require, to_dict
-from .data import epoch_order, load_rows, prompt_value, render_generation_prompt
-from .errors import TrainerConfigError, TrainingInterrupted
+from .data import epoch_order, left_pad, load_rows, prompt_value, render_generation_prompt
+from .errors import TrainerConfigError
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,8 @@ def sample(model, prompts: list[list[int]], params: GRPOParams, pad_id: int,
     chunk = params.generation_batch_size or len(prompts)
     completions: list[list[int]] = []
     for start in range(0, len(prompts), chunk):
-        part = prompts[start:start + chunk]
-        width = max(len(p) for p in part)
-        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(part):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad(prompts[start:start + chunk], pad_id)
+        width = ids.shape[1]
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              generation_config=gen)[:, width:].tolist()
         for tokens in out:
@@ -375,13 +370,9 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
                 sums = runtime.reduce_sum(accelerator, sums).tolist()
                 loss_value, tokens = sums[0], max(sums[5], 1.0)
                 runtime.check_finite(loss_value, step + 1, "loss", last_checkpoint)
-                grad_norm = runtime.clip_gradients(accelerator, model,
-                                                     config.optim.max_grad_norm)
-                runtime.check_finite(grad_norm, step + 1, "gradient norm", last_checkpoint)
-                optimizer.step()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm, lr = runtime.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                       config.optim.max_grad_norm, step + 1,
+                                                       last_checkpoint)
                 step += 1
                 seconds = time.perf_counter() - t0
                 metrics = {"loss": loss_value, **round_metrics, "kl": sums[1] / tokens,
@@ -394,16 +385,8 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
                 logger.advance(step, metrics)
 
             # ---- between rounds: checkpoints and signals ----------------------------------
-            saved = train.save_steps is not None and step % train.save_steps == 0
-            if saved:
-                last_checkpoint = checkpoint(metrics)
-            signum = stop.requested(accelerator)
-            if signum:
-                if not saved:
-                    last_checkpoint = checkpoint(metrics)
-                logger.close()
-                raise TrainingInterrupted(f"stopped at step {step}: checkpoint {last_checkpoint};"
-                                          " continue with --resume", signum, last_checkpoint)
+            last_checkpoint = runtime.save_or_stop(train, step, metrics, checkpoint, stop,
+                                                   accelerator, logger, last_checkpoint)
     save_model(out, accelerator, model, tokenizer, config,
                {"step": step, "round": step // mu, "metrics": metrics}, train.max_shard_size)
     logger.close()

@@ -7,24 +7,14 @@ Like `trainers.cli`, the only place here that prints or exits.
 
 from __future__ import annotations
 
-import dataclasses
-import signal
-import sys
 from pathlib import Path
 
 import click
 
-from .cli import _setup_logging, push_option, push_result
+from .cli import _setup_logging, push_option, push_result, quiet_config, user_errors
 
 SECTIONS = ("model", "data", "train", "optim", "wpo", "reward", "generation", "pairs", "rso",
             "output", "seed", "overwrite")
-
-
-def _user_error(config_path: Path, e: Exception) -> click.ClickException:
-    message = str(e)
-    if str(config_path) not in message and message.split(".")[0].split(":")[0] in SECTIONS:
-        message = f"{config_path}: {message}"
-    return click.ClickException(message)
 
 
 def _common(command):
@@ -52,36 +42,21 @@ def wpo(config, overrides, quiet, verbose, resume, push_to_hub, private):
     output of `mergekit-rl sample pairs`. Reference log-probs are computed once and cached in
     train.output_dir. Outputs as for `train sft`; Ctrl-C or SIGTERM writes a checkpoint first.
     """
-    from .errors import TrainerError, TrainingInterrupted
-
     _setup_logging(quiet, verbose)
-    try:
+    with user_errors(config, SECTIONS):
         from .config import load_config
         from .wpo import WPOConfig, train_wpo
 
-        cfg = load_config(WPOConfig, config, overrides)
-        if quiet:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                                     progress_bar=False))
-        out = train_wpo(cfg, resume=resume)
-    except TrainingInterrupted as e:
-        click.echo(f"interrupted: {e}", err=True)
-        sys.exit(128 + int(e.signum))
-    except KeyboardInterrupt:
-        click.echo("interrupted: no checkpoint was written for the current step", err=True)
-        sys.exit(128 + signal.SIGINT)
-    except (TrainerError, OSError, ImportError, ValueError) as e:
-        raise _user_error(config, e) from None
+        out = train_wpo(quiet_config(load_config(WPOConfig, config, overrides), quiet),
+                        resume=resume)
     if not quiet:
         click.echo(f"wpo: model written to {out}")
     push_result(out, push_to_hub, private, "wpo", quiet)
 
 
 def _sample(kind: str, config: Path, overrides, quiet: bool, verbose: bool) -> None:
-    from .errors import TrainerError
-
     _setup_logging(quiet, verbose)
-    try:
+    with user_errors(config, SECTIONS, interrupted="the output file was not written"):
         from .sampling import (
             SamplePairsConfig,
             SampleRSOConfig,
@@ -94,11 +69,6 @@ def _sample(kind: str, config: Path, overrides, quiet: bool, verbose: bool) -> N
             out = sample_pairs(load_sample_config(SamplePairsConfig, config, overrides))
         else:
             out = sample_rso(load_sample_config(SampleRSOConfig, config, overrides))
-    except KeyboardInterrupt:
-        click.echo("interrupted: the output file was not written", err=True)
-        sys.exit(128 + signal.SIGINT)
-    except (TrainerError, OSError, ImportError, ValueError) as e:
-        raise _user_error(config, e) from None
     if not quiet:
         click.echo(f"{kind}: pairs written to {out}")
 

@@ -190,3 +190,37 @@ def clip_gradients(accelerator, model, max_norm: float | None) -> float:
         return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float | None,
+                   step: int, last_checkpoint: str | None) -> tuple[float, float]:
+    """Clip, refuse a non-finite gradient, update, advance the schedule.
+
+    `step` is the number of the update being taken (1-based). -> (grad_norm, lr used)
+    """
+    grad_norm = clip_gradients(accelerator, model, max_grad_norm)
+    check_finite(grad_norm, step, "gradient norm", last_checkpoint)
+    optimizer.step()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def save_or_stop(train: TrainConfig, step: int, metrics: dict, checkpoint, stop, accelerator,
+                 logger, last_checkpoint: str | None) -> str | None:
+    """After an update: checkpoint every `train.save_steps`; on SIGINT/SIGTERM make sure a
+    checkpoint of this step exists, then raise TrainingInterrupted. -> the last checkpoint."""
+    from .errors import TrainingInterrupted
+
+    saved = train.save_steps is not None and step % train.save_steps == 0
+    if saved:
+        last_checkpoint = checkpoint(metrics)
+    signum = stop.requested(accelerator)
+    if signum:
+        if not saved:
+            last_checkpoint = checkpoint(metrics)
+        logger.close()
+        raise TrainingInterrupted(f"stopped at step {step}: checkpoint {last_checkpoint}; "
+                                  "continue with --resume", signum, last_checkpoint)
+    return last_checkpoint

@@ -37,7 +37,7 @@ from .data import (
     split_conversation,
     tokenize_segments,
 )
-from .errors import TrainerConfigError, TrainingInterrupted
+from .errors import TrainerConfigError
 
 log = logging.getLogger(__name__)
 
@@ -438,12 +438,9 @@ def train_wpo(config: WPOConfig, resume: str | None = None) -> Path:
             sums = runtime.reduce_sum(accelerator, sums).tolist()
             loss_value, n = sums[0], train.batch_size
             runtime.check_finite(loss_value, step + 1, "loss", last_checkpoint)
-            grad_norm = runtime.clip_gradients(accelerator, model, config.optim.max_grad_norm)
-            runtime.check_finite(grad_norm, step + 1, "gradient norm", last_checkpoint)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = runtime.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                   config.optim.max_grad_norm, step + 1,
+                                                   last_checkpoint)
             step += 1
 
             seconds = time.perf_counter() - t0
@@ -457,16 +454,8 @@ def train_wpo(config: WPOConfig, resume: str | None = None) -> Path:
             if step % train.log_steps == 0 or step == max_steps:
                 logger.log(step, metrics)
             logger.advance(step, metrics)
-            saved = train.save_steps is not None and step % train.save_steps == 0
-            if saved:
-                last_checkpoint = checkpoint(metrics)
-            signum = stop.requested(accelerator)
-            if signum:
-                if not saved:
-                    last_checkpoint = checkpoint(metrics)
-                logger.close()
-                raise TrainingInterrupted(f"stopped at step {step}: checkpoint {last_checkpoint};"
-                                          " continue with --resume", signum, last_checkpoint)
+            last_checkpoint = runtime.save_or_stop(train, step, metrics, checkpoint, stop,
+                                                   accelerator, logger, last_checkpoint)
     save_model(out, accelerator, model, tokenizer, config,
                {"step": step, "epoch": step / steps_per_epoch, "metrics": metrics},
                train.max_shard_size)
