@@ -84,7 +84,20 @@ def run(items: list[Item], inputs: dict[str, Checkpoint], fn: ComputeFn,
         writer: CheckpointWriter, device: torch.device, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
         whole_tensors: bool = False, check_finite: bool = True,
         progress: ProgressFn | None = None) -> None:
-    """Compute every item of a plan and write it. Errors in any stage stop all stages."""
+    """Compute every item of a plan and write it. Errors in any stage stop all stages.
+
+    On the CPU, streaming blocks are computed with one intra-op thread: the reader and writer
+    threads keep the other cores busy, and OpenMP workers competing with them for 2 cores made
+    the whole run 1.5x slower (whole-tensor methods such as TIES keep torch's thread count)."""
+    if device.type == "cpu" and not whole_tensors and torch.get_num_threads() > 1:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return run(items, inputs, fn, writer, device, block_bytes=block_bytes,
+                       whole_tensors=whole_tensors, check_finite=check_finite,
+                       progress=progress)
+        finally:
+            torch.set_num_threads(previous)
     pin = device.type == "cuda"
     stop = threading.Event()
     read_q: queue.Queue = queue.Queue(QUEUE_DEPTH)

@@ -11,21 +11,24 @@ from __future__ import annotations
 import torch
 
 
-def _fp32_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Make one operand fp32 so that type promotion computes in fp32; the other (bf16/fp16, both
-    exact in fp32) is widened inside the kernel, element by element, with no copy."""
-    if a.dtype == torch.float32 or b.dtype == torch.float32:
-        return a, b
-    return a.to(torch.float32), b
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
 
+
+# Conversions are explicit: a mixed-dtype kernel (bf16 + fp32 -> bf16 `out`) is not vectorised
+# and ran 1.4-7x slower than widening to fp32, computing in place and rounding once on copy.
 
 def task_vector(finetuned: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """τ = θ_ft − θ_base in fp32, rounded once into `out`'s dtype when `out` is given."""
-    return torch.sub(*_fp32_pair(finetuned, base), out=out)
+    if out is not None and out.dtype == torch.float32 and out.shape == finetuned.shape:
+        return out.copy_(finetuned).sub_(_fp32(base))
+    result = _fp32(finetuned).sub(_fp32(base))
+    return result if out is None else out.copy_(result)
 
 
 def apply_vector(target: torch.Tensor, vector: torch.Tensor, alpha: float,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """θ = θ_target + α·τ in fp32 (α < 0 subtracts), rounded once into `out`'s dtype."""
-    return torch.add(*_fp32_pair(target, vector), alpha=alpha, out=out)
+    result = target.to(torch.float32, copy=True).add_(_fp32(vector), alpha=alpha)
+    return result if out is None else out.copy_(result)
