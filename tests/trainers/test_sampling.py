@@ -86,3 +86,20 @@ def test_sample_pairs_end_to_end(tiny_model, tmp_path):
     # hybrid: the reference solution (mostly digits) joined the candidates and usually wins
     assert any(r["chosen_source"] == "answer" for r in rows)
     assert not out.with_suffix(".jsonl.tmp").exists()
+
+
+def test_sample_rso_end_to_end(tiny_model, tmp_path):
+    from trainers.sampling import SampleRSOConfig, sample_rso
+
+    out = tmp_path / "rso.jsonl"
+    config = load_sample_config(SampleRSOConfig, MANIFESTS / "sample_rso_tiny.yaml", [
+        f"model.path={tiny_model}", f"output={out}", "data.max_examples=3",
+        "reward.function=grpo_rewards:digit_fraction", "generation.num_samples=6",
+        "rso.num_accepted=4", "rso.pairing=first_round", "generation.max_completion_length=8"])
+    sample_rso(config)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 0 < len(rows) <= 3 * 2  # first round: K/2 = 2 pairs per prompt, ties dropped
+    assert all(r["chosen_reward"] > r["rejected_reward"] for r in rows)
+    for prompt in {r["prompt"] for r in rows}:
+        texts = [t for r in rows if r["prompt"] == prompt for t in (r["chosen"], r["rejected"])]
+        assert len(texts) <= 4  # disjoint pairs of the accepted samples
