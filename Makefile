@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-train lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
+
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/trainer_bench.py --threads 1
 
 lint: $(STAMP)
 	$(BIN)/ruff check mergekit_rl trainers tests benchmarks
