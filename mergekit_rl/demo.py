@@ -144,23 +144,54 @@ def make_recipe(quick: bool = False, overrides: tuple[str, ...] = ()) -> Recipe:
 # ---------------------------------------------------------------------------------------------
 # Stages
 
+# What each stage reads: the stages it builds on and the recipe fields it uses. A stage is
+# redone when its own fields or anything upstream changed, and reused otherwise.
+TASK_FIELDS = ("seed", "min_steps", "max_steps", "max_start", "max_operand", "max_total", "bags",
+               "min_words", "max_words", "n_test", "sft_train", "grpo_prompts", "pairs_prompts",
+               "instruct_train", "instruct_arith_share", "pretrain_docs", "pretrain_share")
+DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "data": ((), TASK_FIELDS),
+    "base": (("data",), ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads",
+                         "pretrain_steps", "pretrain_batch", "pretrain_lr")),
+    "sft": (("base",), ("sft_steps", "sft_batch", "sft_lr")),
+    "grpo": (("sft",), ("grpo_steps", "grpo_prompts", "grpo_group", "grpo_temperature",
+                        "grpo_lr", "grpo_beta", "max_new_tokens")),
+    "instruct": (("base",), ("instruct_steps", "instruct_batch", "instruct_lr")),
+    "vector": (("grpo", "instruct"), ("alpha",)),
+    "pairs": (("sft",), ("pairs_samples", "max_new_tokens")),
+    "wpo": (("pairs",), ("wpo_steps", "wpo_batch", "wpo_lr", "wpo_beta")),
+    "dpo": (("pairs",), ("wpo_steps", "wpo_batch", "wpo_lr", "wpo_beta")),
+}
+EVAL_FROM = {"base": "base", "sft": "sft", "grpo": "grpo", "instruct": "instruct",
+             "instruct+v": "vector", "instruct-v": "vector", "merge": "vector", "wpo": "wpo",
+             "dpo": "dpo"}
+
+
 class Stages:
-    """Runs named stages in order, reusing those finished with the same recipe before."""
+    """Runs named stages in order, reusing those finished before with the same inputs."""
 
     def __init__(self, out: Path, recipe: Recipe):
-        self.out, self.fingerprint = out, recipe.fingerprint()
+        self.out, self.recipe = out, recipe
         self.file = out / "stages.json"
         self.done = json.loads(self.file.read_text()) if self.file.exists() else {}
-        self.changed = False  # once a stage reruns, everything after it reruns too
+        self.fingerprints: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
 
-    def run(self, name: str, outputs: list[str], fn: Callable[[], str | None]) -> str:
+    def fingerprint(self, name: str, deps: tuple[str, ...], fields: tuple[str, ...]) -> str:
+        values = {f: getattr(self.recipe, f) for f in fields}
+        text = json.dumps([name, values, [self.fingerprints[d] for d in deps]], sort_keys=True)
+        self.fingerprints[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self.fingerprints[name]
+
+    def run(self, name: str, outputs: list[str], fn: Callable[[], str | None],
+            depends: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> str:
+        deps, fields = depends or DEPENDS[name]
+        fingerprint = self.fingerprint(name, deps, fields)
         record = self.done.get(name)
-        if (not self.changed and record and record["recipe"] == self.fingerprint
+        if (record and record["recipe"] == fingerprint
                 and all((self.out / p).exists() for p in outputs)):
             self.seconds[name] = record["seconds"]
             return f"[{name}] reused ({record['seconds']:.0f}s when run)"
-        self.changed = True
         self.done.pop(name, None)
         self._save()
         for p in outputs:  # a half-written output of a killed run
@@ -173,7 +204,7 @@ class Stages:
         summary = fn()
         seconds = time.perf_counter() - t0
         self.seconds[name] = seconds
-        self.done[name] = {"recipe": self.fingerprint, "seconds": seconds}
+        self.done[name] = {"recipe": fingerprint, "seconds": seconds}
         self._save()
         return f"[{name}] {summary or 'done'} ({seconds:.0f}s)"
 
@@ -425,7 +456,8 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tup
             file.write_text(json.dumps(result, indent=1))
             return f"{100 * result['accuracy']:.1f}% of {result['n']}"
 
-        yield stages.run(key, [str(file.relative_to(out))], fn)
+        yield stages.run(key, [str(file.relative_to(out))], fn,
+                         ((EVAL_FROM[name],), ("n_test", "max_new_tokens")))
         results.setdefault(name, {})[task] = json.loads(file.read_text())
 
     report = build_report(out, r, quick, results, stages.seconds)

@@ -76,3 +76,17 @@ def test_bad_recipe_override_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert "grpo_stepz" in result.output and "grpo_steps" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_changed_stage_reruns_with_what_depends_on_it(quick_run):
+    out, _ = quick_run
+    result = CliRunner().invoke(main, ["demo", "--quick", "-q", "-o", str(out),
+                                       "--set", "wpo_beta=0.2"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split("]")[0][1:]: line for line in result.output.splitlines()
+             if line.startswith("[")}
+    for reused in ("data", "base", "sft", "grpo", "instruct", "vector", "pairs",
+                   "eval sft arithmetic", "eval instruct+v arithmetic"):
+        assert "reused" in lines[reused], lines[reused]
+    for redone in ("wpo", "dpo", "eval wpo arithmetic", "eval dpo arithmetic"):
+        assert "reused" not in lines[redone], lines[redone]
