@@ -42,50 +42,50 @@ from trainers import tasks  # noqa: E402
 @dataclass(frozen=True)
 class Recipe:
     # tasks
-    min_steps: int = 2
+    min_steps: int = 1
     max_steps: int = 3
-    max_start: int = 60
-    max_operand: int = 40
-    max_total: int = 99
-    bags: bool = True
+    max_start: int = 30
+    max_operand: int = 15
+    max_total: int = 50
+    bags: bool = False
     min_words: int = 3
-    max_words: int = 6
+    max_words: int = 4
     n_test: int = 1000  # held-out items per task
     test_seed: int = 1234  # same test items for every seed and recipe
     # tokenizer and model
     vocab_size: int = 400
-    hidden: int = 128
-    intermediate: int = 384
-    layers: int = 4
+    hidden: int = 96
+    intermediate: int = 256
+    layers: int = 3
     heads: int = 4
     kv_heads: int = 2
     # pretraining (both task families, ChatML documents, loss on every token)
     pretrain_docs: int = 20000
     pretrain_share: float = 0.5  # arithmetic share of the documents
-    pretrain_steps: int = 600
-    pretrain_batch: int = 64
+    pretrain_steps: int = 1500
+    pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     # SFT donor (arithmetic, completion tokens only)
     sft_train: int = 2000
-    sft_steps: int = 60
+    sft_steps: int = 30
     sft_batch: int = 32
     sft_lr: float = 3e-4
     # GRPO donor (from SFT; on-policy, one update per generation round, no KL by default)
     grpo_steps: int = 120
-    grpo_prompts: int = 32
+    grpo_prompts: int = 16
     grpo_group: int = 8
     grpo_temperature: float = 1.0
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 3e-5
     grpo_beta: float = 0.0
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     # instruct sibling (SFT from base on instructions; optionally some arithmetic kept)
     instruct_train: int = 2000
     instruct_steps: int = 60
     instruct_batch: int = 32
     instruct_lr: float = 3e-4
-    instruct_arith_share: float = 0.0
+    instruct_arith_share: float = 0.2
     # extras
-    alphas: tuple[float, ...] = (1.0,)  # α values reported besides +1 and −1
+    alphas: tuple[float, ...] = (0.5, 2.0)  # α values reported besides +1 and −1
     threads: int = 1  # 1 beat 2 by 3-6x on the shared 2-core machine (OpenMP contention)
     curve_every: int = 0  # > 0: score the base on 300 test items every this many pretrain steps
 
@@ -97,8 +97,8 @@ class Recipe:
         return tasks.InstructionSpec(self.min_words, self.max_words)
 
 
-QUICK = dict(n_test=300, pretrain_docs=4000, pretrain_steps=150, sft_steps=30, grpo_steps=15,
-             grpo_prompts=16, instruct_steps=30, hidden=64, intermediate=192, layers=2)
+QUICK = dict(n_test=300, pretrain_docs=4000, pretrain_steps=400, sft_steps=20, grpo_steps=15,
+             instruct_steps=30, hidden=64, intermediate=192, layers=2)
 
 
 def parse_value(field: dataclasses.Field, text: str):
@@ -402,10 +402,29 @@ def run(r: Recipe, seed: int, verbose: bool = True) -> dict:
 
     nonlocal_skip = [0.0]
     t = time.perf_counter()
-    losses = lm_steps(model, doc_batches(codec, docs, r.pretrain_batch, rng), r.pretrain_lr,
-                      r.pretrain_steps, warmup=max(1, r.pretrain_steps // 20), decay_to=0.1,
-                      callback=score_base, every=r.curve_every)
-    times["pretrain"] = time.perf_counter() - t - nonlocal_skip[0]
+    # Research convenience: PROBE_CACHE=dir reuses a pretrained base (same recipe prefix + seed).
+    import hashlib
+    import os
+    cache_dir = os.environ.get("PROBE_CACHE")
+    pre_fields = [f.name for f in dataclasses.fields(Recipe)][:dataclasses.fields(Recipe).index(
+        next(f for f in dataclasses.fields(Recipe) if f.name == "sft_train"))]
+    key = hashlib.sha1(repr(([getattr(r, k) for k in pre_fields if k not in ("n_test",)],
+                             seed)).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"base-{key}.pt" if cache_dir else None
+    if cache is not None and cache.exists():
+        saved = torch.load(cache)
+        model.load_state_dict(saved["state"])
+        losses, times["pretrain"] = saved["losses"], saved["time"]
+        # (the later batch draws then differ from an uncached run's: exploration only)
+    else:
+        losses = lm_steps(model, doc_batches(codec, docs, r.pretrain_batch, rng),
+                          r.pretrain_lr, r.pretrain_steps, warmup=max(1, r.pretrain_steps // 20),
+                          decay_to=0.1, callback=score_base, every=r.curve_every)
+        times["pretrain"] = time.perf_counter() - t - nonlocal_skip[0]
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": state(model), "losses": losses, "time": times["pretrain"]},
+                       cache)
     base = state(model)
     say(f"seed {seed}: {n_params / 1e6:.2f} M params, vocab {len(tokenizer)}; pretrain loss "
         f"{losses[0]:.2f} -> {statistics.mean(losses[-20:]):.3f} in {times['pretrain']:.0f}s")

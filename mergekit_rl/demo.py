@@ -42,47 +42,47 @@ class Recipe:
     seed: int = 0
     threads: int = 1  # tiny matrices: one thread beats two on a shared 2-core machine
     # tasks
-    min_steps: int = 2
+    min_steps: int = 1
     max_steps: int = 3
-    max_start: int = 60
-    max_operand: int = 40
-    max_total: int = 99
-    bags: bool = True
+    max_start: int = 30
+    max_operand: int = 15
+    max_total: int = 50
+    bags: bool = False
     min_words: int = 3
-    max_words: int = 6
+    max_words: int = 4
     n_test: int = 1000  # held-out items per task (one accuracy: ±1.5 points standard error)
     # tokenizer and model (Qwen2 architecture, tied embeddings like Qwen2.5-0.5B/1.5B)
     vocab_size: int = 400
-    hidden: int = 128
-    intermediate: int = 384
-    layers: int = 4
+    hidden: int = 96
+    intermediate: int = 256
+    layers: int = 3
     heads: int = 4
     kv_heads: int = 2
     # pretraining the base on both families (loss on every token)
     pretrain_docs: int = 20000
     pretrain_share: float = 0.5  # word problems' share of the documents
-    pretrain_steps: int = 600
-    pretrain_batch: int = 64
+    pretrain_steps: int = 1500
+    pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     # SFT donor (word problems)
     sft_train: int = 2000
     sft_steps: int = 60
     sft_batch: int = 32
-    sft_lr: float = 3e-4
+    sft_lr: float = 1e-4
     # GRPO donor (from SFT)
     grpo_steps: int = 120
-    grpo_prompts: int = 32
+    grpo_prompts: int = 16
     grpo_group: int = 8
     grpo_temperature: float = 1.0
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 3e-5  # 1e-4 stayed flat, 3e-4 collapsed
     grpo_beta: float = 0.0
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     # instruct sibling (from the base; optionally keeps some word problems in its mix)
     instruct_train: int = 2000
     instruct_steps: int = 60
     instruct_batch: int = 32
-    instruct_lr: float = 3e-4
-    instruct_arith_share: float = 0.0
+    instruct_lr: float = 1e-4
+    instruct_arith_share: float = 0.2
     # vector arithmetic
     alpha: float = 1.0
     # preference pairs and WPO / DPO (from SFT)
@@ -90,7 +90,7 @@ class Recipe:
     pairs_samples: int = 4
     wpo_steps: int = 60
     wpo_batch: int = 16
-    wpo_lr: float = 1e-4
+    wpo_lr: float = 1e-5
     wpo_beta: float = 0.1
 
     def fingerprint(self) -> str:
@@ -340,7 +340,8 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tup
                 "model": {"path": str(out / "models" / start)},
                 "data": {"path": str(data / data_file)},
                 "train": _train_section(out, name, batch, steps, r.seed, batch, quiet),
-                "optim": {"lr": lr}, "sft": {"max_length": 256}})
+                "optim": {"lr": lr, "scheduler": "cosine", "warmup_ratio": 0.1},
+                "sft": {"max_length": 256}})
             _train("sft", cfg)
             return f"train sft {cfg.relative_to(out)}: {steps} steps from {start}"
         return fn
@@ -427,7 +428,7 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tup
                 "data": {"path": str(data / "pairs.jsonl")},
                 "train": _train_section(out, name, r.wpo_batch, r.wpo_steps, r.seed,
                                         r.wpo_batch, quiet),
-                "optim": {"lr": r.wpo_lr},
+                "optim": {"lr": r.wpo_lr, "scheduler": "cosine", "warmup_ratio": 0.1},
                 "wpo": {"loss_type": "sigmoid", "beta": r.wpo_beta, "weighting": weighting,
                         "max_length": 256, "max_prompt_length": 192}})
             _train("wpo", cfg)
