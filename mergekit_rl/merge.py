@@ -83,10 +83,12 @@ def compute_fn(m: Manifest, params: dict[str, TensorParams]) -> engine.ComputeFn
             roles = term_roles(i, term)
             if not all(r in x for r in roles):
                 continue  # masked out of this term's vector
+            # In place on this block's own fp32 copies (a role belongs to one term only);
+            # the same rounding as `a - b`.
             if term.kind == "pair":
-                present.append(x[roles[0]] - x[roles[1]])
+                present.append(x[roles[0]].sub_(x[roles[1]]))
             elif term.kind == "model" and m.method != "linear":
-                present.append(x[roles[0]] - base)
+                present.append(x[roles[0]].sub_(base))
             else:
                 present.append(x[roles[0]])
             weights.append(p.weights[i])
@@ -98,7 +100,7 @@ def compute_fn(m: Manifest, params: dict[str, TensorParams]) -> engine.ComputeFn
         merged = methods.merge_deltas(present, weights, method=m.method, densities=dens,
                                       normalize=p.normalize, gamma=gammas, rescale=p.rescale,
                                       seeds=seeds)
-        return methods.apply_merged(base, merged, p.lam)  # mergekit's rounding order
+        return methods.apply_merged(base, merged, p.lam, inplace=True)  # merged is ours
 
     return fn
 

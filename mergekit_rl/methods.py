@@ -187,8 +187,8 @@ def _sum_terms(terms: Iterable[torch.Tensor], count: int) -> torch.Tensor:
     if count > 4:
         return torch.stack(list(terms)).sum(dim=0)
     total = None
-    for term in terms:
-        total = (torch.zeros_like(term) if total is None else total).add_(term)
+    for term in terms:  # the first step, 0.0 + t, is t + 0.0 (−0.0 becomes +0.0): one pass
+        total = term.add(0.0) if total is None else total.add_(term)
     return total
 
 
@@ -235,7 +235,8 @@ def merge_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], *, me
         elif sparsify == "random":
             generator = torch.Generator().manual_seed(seeds[i])
             delta = drop_random(delta, densities[i], generator, rescale)
-        weighted.append(delta * weight[i])
+        # x·1 is x exactly (signed zeros included): skip the pass
+        weighted.append(delta if weights[i] == 1 else delta * weight[i])
 
     if elect:
         positive = _sum_terms(weighted, n) >= 0
@@ -251,12 +252,18 @@ def merge_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], *, me
     return mixed
 
 
-def apply_merged(base: torch.Tensor, merged: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+def apply_merged(base: torch.Tensor, merged: torch.Tensor, lam: float = 1.0,
+                 inplace: bool = False) -> torch.Tensor:
     """θ_base + λ·τ_m in mergekit's order: multiply only when λ ≠ 1, then add (torch.add with
-    alpha= rounds once instead of twice and differs in the last bit)."""
+    alpha= rounds once instead of twice and differs in the last bit). `inplace` reuses
+    `merged` (same bits: a + b == b + a in IEEE arithmetic)."""
+    if not inplace or merged.dtype != base.dtype:
+        if lam != 1:
+            merged = merged * lam
+        return (base + merged).to(base.dtype)
     if lam != 1:
-        merged = merged * lam
-    return (base + merged).to(base.dtype)
+        merged.mul_(lam)
+    return merged.add_(base)
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float],
