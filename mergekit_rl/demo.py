@@ -257,6 +257,9 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tup
 
     recipe = make_recipe(quick, overrides)
     out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / "stages.json").exists():
+        raise ConfigError(f"{out}: exists and is not a demo folder (no stages.json); nothing "
+                          "was touched. Choose a new or empty folder with -o")
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -90,3 +90,12 @@ def test_a_changed_stage_reruns_with_what_depends_on_it(quick_run):
         assert "reused" in lines[reused], lines[reused]
     for redone in ("wpo", "dpo", "eval wpo arithmetic", "eval dpo arithmetic"):
         assert "reused" not in lines[redone], lines[redone]
+
+
+def test_refuses_a_folder_that_is_not_a_demo_folder(tmp_path):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    result = CliRunner().invoke(main, ["demo", "--quick", "--fresh", "-o", str(keep)])
+    assert result.exit_code == 1 and "not a demo folder" in result.output
+    assert (keep / "precious.txt").read_text() == "x"
