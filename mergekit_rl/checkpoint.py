@@ -36,9 +36,7 @@ LEGACY_NAMES = ("pytorch_model.bin.index.json", "pytorch_model.bin")
 DEFAULT_MAX_SHARD = 5 * 1000**3
 
 # Files that travel with a model: the config, tokenizer and chat template.
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -49,6 +47,7 @@ SIDE_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -200,8 +200,13 @@ class Stages:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+        from trainers.errors import TrainerError
+
         t0 = time.perf_counter()
-        summary = fn()
+        try:
+            summary = fn()
+        except TrainerError as e:  # a bad --set value or an interrupted trainer: one line
+            raise ConfigError(f"demo stage {name} ({self.out}): {e}") from None
         seconds = time.perf_counter() - t0
         self.seconds[name] = seconds
         self.done[name] = {"recipe": fingerprint, "seconds": seconds}
@@ -478,18 +483,10 @@ def _mean(values: list[float]) -> float:
 
 
 def _logged(run_dir: Path, key: str) -> list[float]:
-    """Values of `key` in a trainer run's metrics.jsonl (empty when absent)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    values = []
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        value = row.get(key, row.get("metrics", {}).get(key) if isinstance(row.get("metrics"),
-                                                                           dict) else None)
-        if isinstance(value, (int, float)):
-            values.append(float(value))
-    return values
+    """Values of `key` in a finished trainer run's metrics.jsonl."""
+    from trainers.metrics import read_metrics
+
+    return [float(row[key]) for row in read_metrics(run_dir) if key in row]
 
 
 def _max_difference(a: Path, b: Path) -> float:

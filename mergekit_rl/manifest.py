@@ -222,11 +222,18 @@ def load(path: str | Path, overrides: list[str] = ()) -> Manifest:
 
 
 def apply_override(raw: Any, item: str, source: Path | None = None) -> Any:
-    """`--set terms.0.weight=0.5`: set a value (parsed as YAML) at a dotted key path."""
+    """`--set terms.0.weight=0.5`: set a value (parsed as YAML; text that is not YAML stays a
+    string) at a dotted key path of mappings and list indices. Missing or null sections are
+    created. The trainers' `--set` uses this too."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected key.path=value")
-    value = yaml.safe_load(text) if text else None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -241,7 +248,7 @@ def apply_override(raw: Any, item: str, source: Path | None = None) -> Any:
         if last:
             node[part] = value
         else:
-            if isinstance(node, dict) and part not in node:
+            if isinstance(node, dict) and node.get(part) is None:
                 node[part] = {}
             node = node[part]
     return raw

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from . import engine, hub, methods, provenance
-from .checkpoint import SIDE_FILES, Checkpoint, copy_side_files, parse_size
+from .checkpoint import TOKENIZER_FILES, Checkpoint, copy_side_files, parse_size
 from .errors import ConfigError
 from .manifest import Cond, Manifest, Term, to_dict
 from .operations import Options, ProgressFactory, Result, execute, opened
@@ -172,9 +172,7 @@ def run_merge(m: Manifest, out: Path | None, options: Options = Options(),
         def finalize(tmp: Path) -> None:
             (tmp / "merge.yaml").write_text(yaml.safe_dump(to_dict(m), sort_keys=False))
             if tok_from:  # the tokenizer (not the config) from tokenizer_source
-                copy_side_files(tok_from, tmp, tuple(n for n in SIDE_FILES
-                                                     if n not in ("config.json",
-                                                                  "generation_config.json")))
+                copy_side_files(tok_from, tmp, TOKENIZER_FILES)
 
         result = execute(
             "model", formula(m), sources, ckpts, plan, compute_fn(m, params), out, options,

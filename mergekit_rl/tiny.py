@@ -11,7 +11,6 @@ Pass the same `max_shard_size` to `finetune_copy` to give a sibling the parent's
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from .checkpoint import TOKENIZER_FILES, copy_side_files
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +47,6 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-# Files `save_pretrained` of a model does not write but a model directory carries.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
 )
 
 CONFIGS = {"qwen2": Qwen2Config, "llama": LlamaConfig}
@@ -111,12 +100,6 @@ def build_tokenizer(
     return tokenizer
 
 
-def _copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
-
-
 def _save(model: torch.nn.Module, out_dir: Path, max_shard_size: str | int | None) -> None:
     """Write weights, config and generation config."""
     if max_shard_size is not None:
@@ -155,7 +138,7 @@ def build_model(
     if tokenizer_dir is None:
         build_tokenizer(out_dir)
     else:
-        _copy_tokenizer_files(Path(tokenizer_dir), out_dir)
+        copy_side_files(Path(tokenizer_dir), out_dir, TOKENIZER_FILES)
     tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
     eos_id = tok.token_to_id(EOS)
     # No pad_token_id in the model config: it would make the embedding's pad row all zeros.
@@ -218,6 +201,6 @@ def finetune_copy(
                 param.copy_((param.float() + noise).to(param.dtype))
     out_dir.mkdir(parents=True, exist_ok=True)
     _save(model, out_dir, max_shard_size)
-    _copy_tokenizer_files(src, out_dir)
+    copy_side_files(Path(src), out_dir, TOKENIZER_FILES)
     log.info("fine-tuned copy of %s (seed %d, scale %g) written to %s", src, seed, scale, out_dir)
     return out_dir

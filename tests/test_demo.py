@@ -99,3 +99,12 @@ def test_refuses_a_folder_that_is_not_a_demo_folder(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--quick", "--fresh", "-o", str(keep)])
     assert result.exit_code == 1 and "not a demo folder" in result.output
     assert (keep / "precious.txt").read_text() == "x"
+
+
+def test_a_trainer_config_error_is_one_line(tmp_path):
+    # 10 000 examples per SFT step cannot come from the 400 rows of the quick split
+    result = CliRunner().invoke(main, ["demo", "--quick", "-q", "-o", str(tmp_path / "o"),
+                                       "--set", "sft_batch=10000"])
+    assert result.exit_code == 1, result.output
+    assert "demo stage sft" in result.output and "batch_size" in result.output
+    assert "Traceback" not in result.output

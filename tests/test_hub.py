@@ -169,15 +169,15 @@ def test_trainer_push_to_hub_with_card(fake, tmp_path):
     # final metrics travel; checkpoints stay local; the token is in no file.
     from mergekit_rl.tiny import build_model, build_tokenizer
 
-    tok = build_tokenizer(tmp_path / "tok")
+    build_tokenizer(tmp_path / "tok")
     start = build_model(tmp_path / "start", hidden_size=32, intermediate_size=64, num_layers=2,
                         tied=True, tokenizer_dir=tmp_path / "tok")
     out = tmp_path / "run"
-    r = cli("train", "sft", REPO_MANIFESTS / "sft_tiny.yaml", "--set", f"model.path={start}",
-            "--set", f"train.output_dir={out}",
-            "--set", "train.max_steps=2", "--set", "train.save_steps=1",
-            "--set", "train.batch_size=4", "--set", "train.micro_batch_size=4",
-            "--set", "train.report_to=[none]", "-q", "--push-to-hub", "org/sft-run")
+    cli("train", "sft", REPO_MANIFESTS / "sft_tiny.yaml", "--set", f"model.path={start}",
+        "--set", f"train.output_dir={out}",
+        "--set", "train.max_steps=2", "--set", "train.save_steps=1",
+        "--set", "train.batch_size=4", "--set", "train.micro_batch_size=4",
+        "--set", "train.report_to=[none]", "-q", "--push-to-hub", "org/sft-run")
     assert (out / "checkpoint-2").is_dir()
     files = fake.repos["model/org/sft-run"].files
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md",
@@ -190,7 +190,6 @@ def test_trainer_push_to_hub_with_card(fake, tmp_path):
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert TOKEN.encode() not in f.read_bytes(), f
-    assert len(tok) > 0 and r.exit_code == 0
 
 
 def test_trainer_push_failure_keeps_the_run(fake, tmp_path, tiny_models, monkeypatch):

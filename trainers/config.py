@@ -173,26 +173,14 @@ def load_config(cls, path: str | Path, overrides: typing.Iterable[str] = ()):
 
 
 def apply_override(raw: Any, item: str, source: Path | None = None) -> Any:
-    """`--set grpo.beta=0.04`: set a value (parsed as YAML) at a dotted key path."""
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise TrainerConfigError(f"--set {item!r}: expected key.path=value")
-    if not isinstance(raw, dict):
-        raise TrainerConfigError(f"{source}: expected a mapping at the top level")
-    node, parts = raw, key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise TrainerConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section "
-                                     f"in {source}")
-        node = child
+    """`--set grpo.beta=0.04`: the manifest's dotted-path override, as a TrainerConfigError."""
+    from mergekit_rl.errors import ConfigError
+    from mergekit_rl.manifest import apply_override as set_value
+
     try:
-        node[parts[-1]] = yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
-        node[parts[-1]] = text
-    return raw
+        return set_value(raw, item, source)
+    except ConfigError as e:
+        raise TrainerConfigError(str(e)) from None
 
 
 def from_dict(cls, raw: Any, source: Path | str | None = None, prefix: str = ""):

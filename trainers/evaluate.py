@@ -20,15 +20,15 @@ from .data import left_pad
 
 
 def end_token_ids(tokenizer, model) -> list[int]:
-    """Token ids that end a response: the tokenizer's eos, `<|im_end|>` if known, and the
-    model's generation_config eos (an int or a list)."""
-    ids = {tokenizer.eos_token_id}
+    """The trainers' stop tokens (`runtime.stop_token_ids`) plus `<|im_end|>` when the
+    tokenizer knows it, so a chat model stops at the end of its turn."""
+    from .runtime import stop_token_ids
+
+    ids = stop_token_ids(tokenizer, model)
     im_end = tokenizer.convert_tokens_to_ids(tasks.IM_END)
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.add(im_end)
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(extra if isinstance(extra, list) else [extra])
-    return sorted(i for i in ids if i is not None)
+    return sorted(ids)
 
 
 @torch.no_grad()

@@ -263,12 +263,9 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
         raise TrainerConfigError(f"train.batch_size: {prompts_per_step} prompts per step is more "
                                  f"than the {len(rows)} rows")
     max_steps = train.max_steps or math.ceil(train.epochs * rounds_per_epoch) * mu
-    eos_ids = {tokenizer.eos_token_id}
 
     model = runtime.load_model(config.model, path=resume_dir)
-    generation_eos = model.generation_config.eos_token_id
-    extra = generation_eos if isinstance(generation_eos, list) else [generation_eos]
-    eos_ids |= set(extra) - {None}
+    eos_ids = runtime.stop_token_ids(tokenizer, model)
     ref = None
     if params.beta > 0:
         ref = runtime.load_model(config.model, trainable=False).to(device)

@@ -224,3 +224,11 @@ def save_or_stop(train: TrainConfig, step: int, metrics: dict, checkpoint, stop,
         raise TrainingInterrupted(f"stopped at step {step}: checkpoint {last_checkpoint}; "
                                   "continue with --resume", signum, last_checkpoint)
     return last_checkpoint
+
+
+def stop_token_ids(tokenizer, model) -> set[int]:
+    """Token ids that end a completion: the tokenizer's eos and the model's generation_config
+    eos (an int or a list, e.g. Qwen's `<|im_end|>` and `<|endoftext|>`)."""
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(extra if isinstance(extra, list) else [extra])}
+    return {i for i in ids if i is not None}

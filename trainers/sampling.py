@@ -356,10 +356,7 @@ def _generate_and_score(config, select) -> Path:
                   for p in prompts]
 
     model = runtime.load_model(config.model, trainable=False).to(device)
-    eos_ids = {tokenizer.eos_token_id}
-    generation_eos = model.generation_config.eos_token_id
-    eos_ids |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) \
-        - {None}
+    eos_ids = runtime.stop_token_ids(tokenizer, model)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     chunk = gen.generation_batch_size or 64
