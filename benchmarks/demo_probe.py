@@ -36,65 +36,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mergekit_rl.demo import Recipe as DemoRecipe  # noqa: E402
 from trainers import tasks  # noqa: E402
 
 
 @dataclass(frozen=True)
-class Recipe:
-    # tasks
-    min_steps: int = 1
-    max_steps: int = 3
-    max_start: int = 30
-    max_operand: int = 15
-    max_total: int = 50
-    bags: bool = False
-    min_words: int = 3
-    max_words: int = 4
-    n_test: int = 1000  # held-out items per task
+class Recipe(DemoRecipe):
+    """The demo's recipe (same fields, same defaults) plus the probe's extras."""
+
     test_seed: int = 1234  # same test items for every seed and recipe
-    # tokenizer and model
-    vocab_size: int = 400
-    hidden: int = 96
-    intermediate: int = 256
-    layers: int = 3
-    heads: int = 4
-    kv_heads: int = 2
-    # pretraining (both task families, ChatML documents, loss on every token)
-    pretrain_docs: int = 20000
-    pretrain_share: float = 0.5  # arithmetic share of the documents
-    pretrain_steps: int = 1500
-    pretrain_batch: int = 32
-    pretrain_lr: float = 3e-3
-    # SFT donor (arithmetic, completion tokens only)
-    sft_train: int = 2000
-    sft_steps: int = 30
-    sft_batch: int = 32
-    sft_lr: float = 3e-4
-    # GRPO donor (from SFT; on-policy, one update per generation round, no KL by default)
-    grpo_steps: int = 120
-    grpo_prompts: int = 16
-    grpo_group: int = 8
-    grpo_temperature: float = 1.0
-    grpo_lr: float = 3e-5
-    grpo_beta: float = 0.0
-    max_new_tokens: int = 40
-    # instruct sibling (SFT from base on instructions; optionally some arithmetic kept)
-    instruct_train: int = 2000
-    instruct_steps: int = 60
-    instruct_batch: int = 32
-    instruct_lr: float = 3e-4
-    instruct_arith_share: float = 0.2
-    # extras
     alphas: tuple[float, ...] = (0.5, 2.0)  # α values reported besides +1 and −1
-    threads: int = 1  # 1 beat 2 by 3-6x on the shared 2-core machine (OpenMP contention)
     curve_every: int = 0  # > 0: score the base on 300 test items every this many pretrain steps
-
-    def arithmetic_spec(self) -> tasks.ArithmeticSpec:
-        return tasks.ArithmeticSpec(self.min_steps, self.max_steps, self.max_start,
-                                    self.max_operand, self.max_total, self.bags)
-
-    def instruction_spec(self) -> tasks.InstructionSpec:
-        return tasks.InstructionSpec(self.min_words, self.max_words)
 
 
 QUICK = dict(n_test=300, pretrain_docs=4000, pretrain_steps=400, sft_steps=20, grpo_steps=15,

@@ -48,6 +48,7 @@ class Recipe:
     max_operand: int = 15
     max_total: int = 50
     bags: bool = False
+    flawed_share: float = 0.6  # worked solutions that stop one step short (mixed-quality data)
     min_words: int = 3
     max_words: int = 4
     n_test: int = 1000  # held-out items per task (one accuracy: ±1.5 points standard error)
@@ -96,6 +97,17 @@ class Recipe:
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True)
                               .encode()).hexdigest()[:16]
+
+    def arithmetic_spec(self):
+        from trainers.tasks import ArithmeticSpec
+
+        return ArithmeticSpec(self.min_steps, self.max_steps, self.max_start, self.max_operand,
+                              self.max_total, self.bags, self.flawed_share)
+
+    def instruction_spec(self):
+        from trainers.tasks import InstructionSpec
+
+        return InstructionSpec(self.min_words, self.max_words)
 
 
 QUICK = dict(n_test=200, pretrain_docs=3000, pretrain_steps=80, pretrain_batch=32, hidden=64,
@@ -147,8 +159,9 @@ def make_recipe(quick: bool = False, overrides: tuple[str, ...] = ()) -> Recipe:
 # What each stage reads: the stages it builds on and the recipe fields it uses. A stage is
 # redone when its own fields or anything upstream changed, and reused otherwise.
 TASK_FIELDS = ("seed", "min_steps", "max_steps", "max_start", "max_operand", "max_total", "bags",
-               "min_words", "max_words", "n_test", "sft_train", "grpo_prompts", "pairs_prompts",
-               "instruct_train", "instruct_arith_share", "pretrain_docs", "pretrain_share")
+               "flawed_share", "min_words", "max_words", "n_test", "sft_train", "grpo_prompts",
+               "pairs_prompts", "instruct_train", "instruct_arith_share", "pretrain_docs",
+               "pretrain_share")
 DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": ((), TASK_FIELDS),
     "base": (("data",), ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads",
@@ -273,9 +286,7 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tup
     torch.set_num_threads(recipe.threads)
     stages = Stages(out, recipe)
     r = recipe
-    arith = tasks.ArithmeticSpec(r.min_steps, r.max_steps, r.max_start, r.max_operand,
-                                 r.max_total, r.bags)
-    instr = tasks.InstructionSpec(r.min_words, r.max_words)
+    arith, instr = r.arithmetic_spec(), r.instruction_spec()
     data = out / "data"
     yield (f"mergekit-rl demo: recipe {r.fingerprint()}{' (quick)' if quick else ''} in {out}; "
            f"torch threads {r.threads}")

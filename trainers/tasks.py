@@ -62,8 +62,16 @@ class ArithmeticSpec:
     max_operand: int = 40  # added / removed amounts are drawn from [2, max_operand]
     max_total: int = 99
     bags: bool = True  # allow "buys k bags of m" (a product, then a sum: two solution lines)
+    # share of worked solutions that stop one step short: they leave out the last step and
+    # give the total before it as the answer (`Example.answer` stays the true total). Mixed-
+    # quality demonstrations, as scraped solutions are: imitation learns the flaw, a reward
+    # on the final answer can remove it.
+    flawed_share: float = 0.0
 
     def __post_init__(self):
+        if not 0 <= self.flawed_share <= 1:
+            raise ValueError(f"ArithmeticSpec: flawed_share must be in [0, 1], got "
+                             f"{self.flawed_share}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"ArithmeticSpec: need 1 <= min_steps <= max_steps, got "
                              f"{self.min_steps}, {self.max_steps}")
@@ -75,14 +83,16 @@ def arithmetic_example(rng: random.Random, spec: ArithmeticSpec = ArithmeticSpec
     """One word problem with its worked solution, e.g.
 
     Ann has 23 pens. She buys 15 more. Then she gives 9 to Ben. How many pens does Ann have now?
-    -> "23+15=38\\n38-9=29\\n#### 29"
+    -> "23+15=38\\n38-9=29\\n#### 29"   (a flawed solution: "23+15=38\\n#### 38", answer 29)
     """
     (name, pronoun), obj = rng.choice(NAMES), rng.choice(OBJECTS)
     other = rng.choice([n for n, _ in NAMES if n != name])
     total = rng.randint(10, spec.max_start)
     sentences = [f"{name} has {total} {obj}."]
     lines = []
+    steps = []  # (lines before the step, total before the step)
     for i in range(rng.randint(spec.min_steps, spec.max_steps)):
+        steps.append((len(lines), total))
         subject = pronoun.capitalize() if i == 0 else f"Then {pronoun}"
         kinds = ["add", "sub"] + (["bags"] if spec.bags else [])
         room = spec.max_total - total
@@ -107,7 +117,12 @@ def arithmetic_example(rng: random.Random, spec: ArithmeticSpec = ArithmeticSpec
             lines += [f"{k}*{m}={k * m}", f"{total}+{k * m}={total + k * m}"]
             total += k * m
     sentences.append(f"How many {obj} does {name} have now?")
-    lines.append(f"#### {total}")
+    given = total
+    if rng.random() < spec.flawed_share:  # stop one step short (always drawn: the problems
+        # themselves do not depend on flawed_share)
+        kept, given = steps[-1]
+        del lines[kept:]
+    lines.append(f"#### {given}")
     return Example(ARITHMETIC, " ".join(sentences), "\n".join(lines), str(total))
 
 
