@@ -3,7 +3,8 @@
 Every stage runs through the project's own tools, with configs written to `OUT/configs/` so any
 stage can be rerun by hand (`mergekit-rl train sft OUT/configs/sft.yaml`):
 
-  data       generated word problems (`#### N`) and word-list instructions, train / test splits
+  data       generated word problems (`#### N`) and word-list instructions, train / test splits;
+             `flawed_share` of the worked solutions stop one step short (mixed-quality data)
   base       a byte-level BPE tokenizer and a tiny Qwen2 pretrained from scratch on both families
   sft        `train sft` from the base on word problems                    (the SFT donor)
   grpo       `train grpo` from SFT with the exact-answer reward            (the GRPO donor)
@@ -48,7 +49,7 @@ class Recipe:
     max_operand: int = 15
     max_total: int = 50
     bags: bool = False
-    flawed_share: float = 0.6  # worked solutions that stop one step short (mixed-quality data)
+    flawed_share: float = 0.5  # worked solutions that stop one step short (mixed-quality data)
     min_words: int = 3
     max_words: int = 4
     n_test: int = 1000  # held-out items per task (one accuracy: ±1.5 points standard error)
@@ -517,8 +518,13 @@ def build_report(out: Path, r: Recipe, quick: bool, results: dict, seconds: dict
         return 100 * results[name][task]["accuracy"]
 
     vector = inspect_checkpoint(str(out / "vector"))
+    def complete(name: str, task: str) -> float | None:
+        share = results[name][task].get("complete")  # word problems only
+        return None if share is None else 100 * share
+
     rows = [{"model": name, "task": task, "accuracy": acc(name, task),
-             "n": results[name][task]["n"], "path": MODEL_DIRS[name]} for name, task in ROWS]
+             "complete": complete(name, task), "n": results[name][task]["n"],
+             "path": MODEL_DIRS[name]} for name, task in ROWS]
     goals = [{"goal": text, "difference": acc(a) - acc(b), "met": acc(a) - acc(b) >= need}
              for text, a, b, need in GOALS]
     return {"recipe": dataclasses.asdict(r), "fingerprint": r.fingerprint(), "quick": quick,
@@ -533,13 +539,19 @@ def build_report(out: Path, r: Recipe, quick: bool, results: dict, seconds: dict
 def format_report(report: dict) -> Iterator[str]:
     n = report["rows"][0]["n"]
     yield ""
-    yield f"{'model':<14}{'word problems':>15}{'instructions':>15}   (greedy exact match, %, n={n})"
-    by_model: dict[str, dict[str, float]] = {}
+    yield (f"{'model':<14}{'word problems':>15}{'(complete)':>12}{'instructions':>15}   "
+           f"(greedy exact match, %, n={n})")
+    by_model: dict[str, dict[str, dict]] = {}
     for row in report["rows"]:
-        by_model.setdefault(row["model"], {})[row["task"]] = row["accuracy"]
-    for model, accs in by_model.items():
-        instr = f"{accs['instruction']:>15.1f}" if "instruction" in accs else f"{'':>15}"
-        yield f"{model:<14}{accs['arithmetic']:>15.1f}{instr}"
+        by_model.setdefault(row["model"], {})[row["task"]] = row
+
+    def cell(value: float | None, width: int, fmt: str = "{:.1f}") -> str:
+        return f"{'' if value is None else fmt.format(value):>{width}}"
+
+    for model, rows in by_model.items():
+        arith, instr = rows["arithmetic"], rows.get("instruction", {})
+        yield (f"{model:<14}{cell(arith['accuracy'], 15)}"
+               f"{cell(arith.get('complete'), 12, '({:.1f})')}{cell(instr.get('accuracy'), 15)}")
     yield ""
     for goal in report["goals"]:
         yield (f"{'met    ' if goal['met'] else 'NOT met'}  {goal['goal']}: "

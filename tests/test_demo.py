@@ -43,6 +43,8 @@ def test_report_has_every_row(quick_run):
     assert [(r["model"], r["task"]) for r in report["rows"]] == list(ROWS)
     for row in report["rows"]:
         assert 0 <= row["accuracy"] <= 100 and row["n"] == make_recipe(quick=True).n_test
+        # word problems also report the share of complete solutions; instructions do not
+        assert (row["complete"] is None) == (row["task"] == "instruction")
     assert [g["goal"] for g in report["goals"]] == [g[0] for g in GOALS]
     assert report["vector"]["groups"]
 

@@ -72,11 +72,17 @@ def load(path: str | Path, device: str = "cpu"):
 
 def evaluate(path: str | Path, examples: Sequence[tasks.Example], max_new_tokens: int,
              batch_size: int = 256) -> dict:
-    """Exact-match accuracy of the checkpoint at `path` on `examples`, with a few samples."""
+    """Exact-match accuracy of the checkpoint at `path` on `examples`, with a few samples;
+    for word problems also the share of complete solutions (`tasks.is_complete`)."""
     model, tokenizer = load(path)
     responses = greedy_responses(model, tokenizer, [e.prompt for e in examples], max_new_tokens,
                                  batch_size)
     correct = [tasks.is_correct(r, e) for r, e in zip(responses, examples)]
-    return {"accuracy": sum(correct) / len(examples), "n": len(examples),
-            "samples": [{"prompt": e.prompt, "response": r, "answer": e.answer, "correct": c}
-                        for e, r, c in list(zip(examples, responses, correct))[:3]]}
+    result = {"accuracy": sum(correct) / len(examples), "n": len(examples)}
+    complete = [tasks.is_complete(r, e) for r, e in zip(responses, examples)
+                if e.task == tasks.ARITHMETIC]
+    if complete:  # word problems: the share answered with every step worked
+        result["complete"] = sum(complete) / len(complete)
+    result["samples"] = [{"prompt": e.prompt, "response": r, "answer": e.answer, "correct": c}
+                         for e, r, c in list(zip(examples, responses, correct))[:3]]
+    return result

@@ -292,6 +292,20 @@ def is_correct(response: str, example: Example) -> bool:
     return response_text(response).strip() == example.answer
 
 
+def solution_lines(prompt: str) -> int:
+    """How many equation lines a complete worked solution of this word problem has: one per
+    change, two for "buys k bags of m"."""
+    changes = prompt.split(". ")[1:-1]  # between "X has N obj" and "How many ...?"
+    return sum(2 if " bags of " in change else 1 for change in changes)
+
+
+def is_complete(response: str, example: Example) -> bool:
+    """Whether a word problem's response works every step (a flawed one stops one short),
+    right or wrong in its arithmetic."""
+    lines = response_text(response).strip().split("\n")
+    return sum("=" in line for line in lines) == solution_lines(example.prompt)
+
+
 def accuracy(responses: Sequence[str], examples: Sequence[Example]) -> float:
     """Fraction of responses that are exactly right."""
     if len(responses) != len(examples):

@@ -133,3 +133,17 @@ def test_scoring_is_strict():
     assert tasks.accuracy(["#### 29", "#### 3"], [ex, ex]) == 0.5
     with pytest.raises(ValueError, match="2 responses for 1"):
         tasks.accuracy(["a", "b"], [ex])
+
+
+def test_a_complete_solution_works_every_step():
+    spec = tasks.ArithmeticSpec(min_steps=1, max_steps=4, bags=True, flawed_share=0.5)
+    rng = random.Random(4)
+    for _ in range(300):
+        ex = tasks.arithmetic_example(rng, spec)
+        flawed = not tasks.is_correct(ex.completion, ex)
+        assert tasks.is_complete(ex.completion, ex) != flawed  # flawed ones stop short
+    ex = tasks.Example(tasks.ARITHMETIC, "Ann has 23 pens. She buys 15 more. Then she gives 9 "
+                       "to Ben. How many pens does Ann have now?", "", "29")
+    assert tasks.solution_lines(ex.prompt) == 2
+    assert tasks.is_complete("23+15=38\n38-9=30\n#### 30<|im_end|>\n1=1", ex)  # wrong, complete
+    assert not tasks.is_complete("23+15=38\n#### 38", ex)
