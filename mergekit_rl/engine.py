@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 QUEUE_DEPTH = 2
 # fp32 bytes of one input's block. Small enough that every buffer stays under glibc's 32 MiB
 # mmap ceiling (freed blocks are reused from the heap instead of page-faulted in anew) and that a
-# block's few passes (widen, add, round, finiteness) run out of the CPU's caches: 4 MiB ran
-# `add` 1.5x faster than 16 MiB on a 2-core EPYC (2 MiB L2 per core, 32 MiB L3); 1 MiB and below
-# lost it again to per-block overhead.
+# block's few passes (widen, add, round, finiteness) run out of the CPU's caches: 4 MiB ran the
+# in-process `add` of a 0.5 GB model 1.5x faster than 16 MiB on a 2-core EPYC (2 MiB L2 per
+# core, 32 MiB L3); 1-2 MiB were no better, 512 KiB and below lost it to per-block overhead.
 DEFAULT_BLOCK_BYTES = 4 * 2**20
 
 # fn(item, {role: block in its stored dtype, on device}, out) -> result: the maths for one block.
