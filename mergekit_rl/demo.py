@@ -518,6 +518,7 @@ def build_report(out: Path, r: Recipe, quick: bool, results: dict, seconds: dict
         return 100 * results[name][task]["accuracy"]
 
     vector = inspect_checkpoint(str(out / "vector"))
+
     def complete(name: str, task: str) -> float | None:
         share = results[name][task].get("complete")  # word problems only
         return None if share is None else 100 * share

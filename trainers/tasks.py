@@ -3,7 +3,8 @@
 Two task families, both generated from a seed (no data files, no network):
 
 - arithmetic word problems, the GSM8K stand-in: a start amount changed by 2-4 steps (buy, give,
-  lose, buy k bags of m), a worked solution of one equation per line and a final `#### N`;
+  lose, buy k bags of m), a worked solution of one equation per line and a final `#### N`
+  (`ArithmeticSpec.flawed_share` of the solutions stop one step short: mixed-quality data);
 - word-list instructions, the "instruct" sibling's own skill: reverse, sort, drop or swap words.
 
 An `Example` carries the user `prompt`, the assistant `completion` (the target text) and the
