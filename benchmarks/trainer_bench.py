@@ -147,19 +147,13 @@ def run_ours_grpo(size: str, steps: int, out: Path) -> dict:
 
 def run_trl_grpo(size: str, steps: int, out: Path) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from trainers.rewards import exact_answer, format_reward
 
     s = SETTINGS
     rows = [json.loads(line) for line in open(CACHE / size / "prompts.jsonl")]
-    ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-
+    ends, clock = trl_step_clock()
     args = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=s["prompts_per_step"] * s["generations"],
         gradient_accumulation_steps=1, num_generations=s["generations"],
@@ -172,11 +166,24 @@ def run_trl_grpo(size: str, steps: int, out: Path) -> dict:
         model_init_kwargs={"dtype": "float32"})
     trainer = GRPOTrainer(model=str(CACHE / size / "model"), args=args,
                           reward_funcs=[exact_answer, format_reward],
-                          train_dataset=Dataset.from_list(rows), callbacks=[Clock()])
+                          train_dataset=Dataset.from_list(rows), callbacks=[clock])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "reward" in h]
     return {"ends": ends, "curve": [h["reward"] for h in logs],
             "completion_length": [h.get("completions/mean_length") for h in logs]}
+
+
+def trl_step_clock():
+    """(perf_counter at the end of each TRL optimizer step, the callback that records it)."""
+    from transformers import TrainerCallback
+
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    return ends, Clock()
 
 
 def patch_step_clock() -> list[float]:
@@ -223,17 +230,11 @@ def run_ours_wpo(size: str, steps: int, out: Path) -> dict:
 
 def run_trl_wpo(size: str, steps: int, out: Path) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     s = WPO_SETTINGS
     rows = [json.loads(line) for line in open(CACHE / size / "pairs.jsonl")]
-    ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-
+    ends, clock = trl_step_clock()
     args = DPOConfig(
         output_dir=str(out), per_device_train_batch_size=s["pairs_per_step"],
         gradient_accumulation_steps=1, loss_type=["sigmoid"], beta=s["beta"], label_smoothing=0.0,
@@ -244,7 +245,7 @@ def run_trl_wpo(size: str, steps: int, out: Path) -> dict:
         bf16=False, seed=s["seed"], disable_tqdm=True, dataloader_num_workers=0,
         model_init_kwargs={"dtype": "float32"})
     trainer = DPOTrainer(model=str(CACHE / size / "model"), args=args,
-                         train_dataset=Dataset.from_list(rows), callbacks=[Clock()])
+                         train_dataset=Dataset.from_list(rows), callbacks=[clock])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
     return {"ends": ends, "curve": [h["loss"] for h in logs]}

@@ -95,6 +95,12 @@ class Recipe:
     wpo_lr: float = 1e-5
     wpo_beta: float = 0.1
 
+    def __post_init__(self):
+        try:  # the task specs check their own fields: fail here, before any work
+            self.arithmetic_spec(), self.instruction_spec()
+        except ValueError as e:
+            raise ConfigError(f"demo recipe: {e}; fix the --set value") from None
+
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True)
                               .encode()).hexdigest()[:16]

@@ -78,6 +78,12 @@ def test_bad_recipe_override_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert "grpo_stepz" in result.output and "grpo_steps" in result.output
     assert not (tmp_path / "o").exists()
+    result = CliRunner().invoke(main, ["demo", "--quick", "-o", str(tmp_path / "o"),
+                                       "--set", "flawed_share=2"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "flawed_share must be in [0, 1], got 2.0" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_changed_stage_reruns_with_what_depends_on_it(quick_run):
