@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mergekit_rl.demo import Recipe as DemoRecipe  # noqa: E402
-from trainers import tasks  # noqa: E402
+from reasoning_demo import tasks  # noqa: E402
+from reasoning_demo.recipe import Recipe as DemoRecipe  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,7 @@ def run(r: Recipe, seed: int, verbose: bool = True) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from mergekit_rl.tiny import build_tokenizer
+    from reasoning_demo.tiny import build_tokenizer
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(r.threads)

@@ -71,7 +71,7 @@ WPO_SETTINGS = dict(pairs=256, pairs_per_step=8, max_length=256, max_prompt_leng
 # children
 
 def build(size: str) -> None:
-    from mergekit_rl.tiny import build_model
+    from reasoning_demo.tiny import build_model
 
     folder = CACHE / size
     if not (folder / "model" / "config.json").is_file():
@@ -89,7 +89,7 @@ def build_pairs(folder: Path) -> None:
     """pairs.jsonl: word problem, worked solution, the same with a wrong final answer."""
     from transformers import AutoTokenizer
 
-    from trainers.tasks import arithmetic_example
+    from reasoning_demo.tasks import arithmetic_example
 
     s = WPO_SETTINGS
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")

@@ -1,25 +1,18 @@
-"""`mergekit-rl`: the command line. The only place that prints and that turns errors into exit
-codes; everything else lives in the library and raises typed errors."""
+"""`mergekit-rl`: the console group and the weight-arithmetic commands (extract, add, subtract,
+merge, inspect, push). With `trainers.cli` and `reasoning_demo.cli` the only code that prints
+and exits; errors become exit codes by `console.user_errors`. The trainers' `train` / `sample`
+and the experiment's `demo` join the group as entry points (`console.PluginGroup`)."""
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import shlex
-import sys
 from pathlib import Path
 
 import click
 
-from .errors import MergekitRLError
-
-log = logging.getLogger("mergekit_rl")
-
-
-class _OneLine(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+from .console import PluginGroup, errors_to_exit, setup_logging
 
 
 def _tune_malloc() -> None:
@@ -39,27 +32,7 @@ def _tune_malloc() -> None:
 
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     _tune_malloc()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLine())
-    log.handlers[:] = [handler]
-    log.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
-    log.propagate = False
-
-
-def _errors_to_exit(fn):
-    """User mistakes become one line and exit code 1; Ctrl-C exits 130 having written nothing."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (MergekitRLError, FileNotFoundError) as e:
-            raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
-            sys.exit(130)
-
-    return wrapper
+    setup_logging("mergekit_rl", quiet, verbose)
 
 
 def _progress_factory(quiet: bool):
@@ -122,7 +95,7 @@ def common_options(fn, out_required: bool = True):
 
 def _options(**kw):
     from .checkpoint import parse_size
-    from .operations import Options
+    from .job import Options
 
     try:
         shard = parse_size(kw["max_shard_size"])
@@ -171,7 +144,8 @@ def _push(folder, repo_id, **kw) -> None:
     click.echo(f"pushed {folder} → {r.pr_url or r.commit_url}")
 
 
-@click.group(name="mergekit-rl", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="mergekit-rl", cls=PluginGroup,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergekit-rl")
 def main():
     """Move abilities between language models by weight arithmetic.
@@ -185,7 +159,7 @@ def main():
 @click.argument("finetuned")
 @click.argument("base")
 @common_options
-@_errors_to_exit
+@errors_to_exit
 def extract(finetuned, base, **kw):
     """Write the task vector FINETUNED − BASE to OUT.
 
@@ -193,7 +167,7 @@ def extract(finetuned, base, **kw):
     or Hub ids (org/name[@revision]). The vector is a sharded safetensors checkpoint (float32
     unless --dtype) with provenance.json and a model card.
     """
-    from .operations import extract as run
+    from .vectors import extract as run
 
     _setup_logging(kw["quiet"])
     result = run(finetuned, base, kw["out"], _options(**kw), _progress_factory(kw["quiet"]))
@@ -202,7 +176,7 @@ def extract(finetuned, base, **kw):
 
 def _apply_command(subtract: bool):
     def command(target, vector, alpha, **kw):
-        from .operations import apply as run
+        from .vectors import apply as run
 
         _setup_logging(kw["quiet"])
         result = run(target, vector, kw["out"], alpha, _options(**kw),
@@ -219,7 +193,7 @@ for _name, _sub, _doc in (
                    "`add INSTRUCT REASONING_VECTOR --alpha 1`."),
     ("subtract", True, "Write TARGET − ALPHA·VECTOR to OUT (a model, as for add)."),
 ):
-    _cmd = _errors_to_exit(_apply_command(_sub))
+    _cmd = errors_to_exit(_apply_command(_sub))
     _cmd.__doc__ = _doc
     _cmd = common_options(_cmd)
     _cmd = click.option("--alpha", default=1.0, show_default=True, type=float,
@@ -235,7 +209,7 @@ for _name, _sub, _doc in (
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a manifest value, e.g. --set terms.0.weight=0.5 (repeatable).")
 @functools.partial(common_options, out_required=False)
-@_errors_to_exit
+@errors_to_exit
 def merge(manifest, dry_run, overrides, **kw):
     """Merge as MANIFEST says: our schema or a mergekit config (task_arithmetic, ties,
     dare_linear, dare_ties, breadcrumbs, linear), in one streaming pass.
@@ -269,7 +243,7 @@ def merge(manifest, dry_run, overrides, **kw):
 @click.option("--commit-message", "-m", help="Commit message.")
 @click.option("--repo-type", default="model", show_default=True,
               type=click.Choice(["model", "dataset"]))
-@_errors_to_exit
+@errors_to_exit
 def push(folder, repo_id, private, revision, create_pr, commit_message, repo_type):
     """Upload FOLDER (a merge, vector or checkpoint) to the Hub repo REPO_ID.
 
@@ -286,7 +260,7 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, repo_typ
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw per-layer L2 norms to PNG.")
-@_errors_to_exit
+@errors_to_exit
 def inspect(path, as_json, plot):
     """Summarise a model or vector: tensors, dtypes, bytes, per-layer L2 norm and sparsity."""
     from .inspection import inspect_checkpoint, plot_norms
@@ -308,48 +282,6 @@ def inspect(path, as_json, plot):
     if plot:
         click.echo(f"plot → {plot}")
 
-
-@main.command()
-@click.option("-o", "--out", "out", default="demo_out", show_default=True,
-              type=click.Path(path_type=Path), help="Where everything goes.")
-@click.option("--quick", is_flag=True, help="A smaller run (about a minute) for tests.")
-@click.option("--fresh", is_flag=True, help="Start again instead of reusing finished stages.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Change a recipe value, e.g. --set grpo_steps=200 (repeatable).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@_errors_to_exit
-def demo(out, quick, fresh, overrides, quiet):
-    """Run the reasoning-vector experiment in miniature on this CPU with no network.
-
-    Pretrains a tiny Qwen2, trains the SFT and GRPO donors and an instruct sibling, extracts
-    the vector GRPO − SFT, adds and subtracts it, runs WPO and DPO, and reports held-out
-    accuracies (table, OUT/report.json, OUT/report.png). Finished stages are reused.
-    """
-    from .demo import run_demo
-
-    _setup_logging(quiet)
-    for line in run_demo(out, quick=quick, fresh=fresh, overrides=overrides, quiet=quiet):
-        click.echo(line)
-
-
-def _register_trainers() -> None:
-    """Add the bundled trainers' commands (`train`, `sample`). Their modules import only Click
-    here; torch/transformers/accelerate load inside each command."""
-    try:
-        from trainers.cli import train
-    except ImportError:  # the weight-arithmetic tool installed without the trainers
-        return
-    main.add_command(train)
-    try:
-        from trainers.preference_cli import sample, wpo
-    except ImportError:
-        return
-    if "wpo" not in train.commands:
-        train.add_command(wpo)
-    main.add_command(sample)
-
-
-_register_trainers()
 
 if __name__ == "__main__":
     main()

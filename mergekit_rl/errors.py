@@ -35,3 +35,11 @@ class HubError(MergekitRLError):
 
 class DependencyError(MergekitRLError):
     """An optional dependency is missing; the message says what to install."""
+
+
+class Interrupted(MergekitRLError):
+    """SIGINT/SIGTERM stopped a command after it saved what it could; exit code 128 + signum."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -49,10 +49,39 @@ def split_hub_id(spec: str) -> tuple[str, str | None] | None:
     return repo, rev or None
 
 
-def resolve(spec: str) -> Source:
-    """A local path when it exists, else a Hub repo id downloaded (only the needed files)."""
-    local = Path(spec).expanduser()
-    if local.exists() or spec.startswith((".", "/", "~")) or split_hub_id(spec) is None:
+# File names that are never Hub repo ids, even when shaped like org/name.
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".safetensors", ".bin", ".yaml", ".yml")
+
+
+def local_path(spec: str, base: str | Path | None = None) -> Path | None:
+    """The local path `spec` names, or None when it names a Hub repo (`org/name[@revision]`).
+
+    The one rule for every input of the tool and the trainers: `~` is expanded first; a
+    relative path is joined to `base` (the folder of the manifest or config that holds it;
+    default: the working directory). A spec is local when it is absolute or explicitly relative
+    (`./`, `../`, `~`), when that path exists, when it names a file (`FILE_SUFFIXES`), or when
+    it is not shaped like a Hub id; otherwise it is a Hub id.
+    """
+    path = Path(spec).expanduser()
+    if not path.is_absolute():
+        path = Path(base or ".").expanduser() / path
+    explicit = spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")
+    if (explicit or path.exists() or Path(spec).suffix in FILE_SUFFIXES
+            or split_hub_id(spec) is None):
+        return path
+    return None
+
+
+def local_inputs(*specs: str) -> list[Path]:
+    """The inputs among `specs` that are existing local paths (to keep outputs away from them)."""
+    paths = (local_path(s) for s in specs)
+    return [p for p in paths if p is not None and p.exists()]
+
+
+def resolve(spec: str, base: str | Path | None = None) -> Source:
+    """A local path (see `local_path`), else a Hub repo id downloaded (only the needed files)."""
+    local = local_path(spec, base)
+    if local is not None:
         return Source(spec, local)
     repo_id, revision = split_hub_id(spec)  # type: ignore[misc]
     return _download(spec, repo_id, revision)

@@ -4,7 +4,6 @@ sparsity — computed by streaming blocks of rows, so memory stays small for any
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +12,9 @@ import torch
 from . import hub
 from .checkpoint import Checkpoint
 from .errors import DependencyError
+from .plan import layer_index
 from .provenance import read_record
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 BLOCK_ELEMS = 16 * 2**20
 
 
@@ -60,9 +59,9 @@ class Report:
 
 def group_of(name: str) -> str:
     """'model.layers.3.mlp.up_proj.weight' → 'layer 3'; embeddings, head and the rest by role."""
-    m = _LAYER.search(name)
-    if m:
-        return f"layer {int(m.group(1))}"
+    layer = layer_index(name)
+    if layer is not None:
+        return f"layer {layer}"
     if "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
         return "embeddings"
     if name.startswith(("lm_head", "embed_out", "output.")):

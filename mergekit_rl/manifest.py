@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .hub import split_hub_id
+from .hub import local_path
 from .plan import parse_dtype
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
@@ -136,10 +136,8 @@ class _Checker:
     def model_ref(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not value:
             self.fail(path, "expected a model folder or Hub id (org/name[@revision])")
-        local = (self.folder / value).expanduser() if not Path(value).is_absolute() else Path(value)
-        if local.exists() or value.startswith((".", "/", "~")) or split_hub_id(value) is None:
-            return str(local.resolve())
-        return value
+        local = local_path(value, self.folder)
+        return value if local is None else str(local.resolve())
 
     def number(self, value: Any, path: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -278,7 +276,7 @@ def _from_ours(raw: dict, c: _Checker) -> Manifest:
     if "path" in out:
         if not isinstance(out["path"], str):
             c.fail("output.path", "expected a folder path")
-        out_path = (c.folder / out["path"]).expanduser().resolve()
+        out_path = (c.folder / Path(out["path"]).expanduser()).resolve()
     terms = []
     if not isinstance(raw["terms"], list) or not raw["terms"]:
         c.fail("terms", "expected a non-empty list of terms")

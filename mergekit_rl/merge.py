@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +18,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import engine, hub, methods, provenance
+from . import engine, hub, provenance
 from .checkpoint import TOKENIZER_FILES, Checkpoint, copy_side_files, parse_size
 from .errors import ConfigError
+from .job import Options, ProgressFactory, Result, execute, opened
 from .manifest import Cond, Manifest, Term, to_dict
-from .operations import Options, ProgressFactory, Result, execute, opened
+from .maths import merge_methods
 from .output import check_output
-from .plan import Plan, Selection, embed_name, plan_combine
+from .plan import Plan, Selection, embed_name, layer_index, plan_combine
 
 log = logging.getLogger(__name__)
 
 ELEMENTWISE = ("task_arithmetic", "linear")
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def term_roles(i: int, term: Term) -> tuple[str, ...]:
@@ -39,9 +38,9 @@ def term_roles(i: int, term: Term) -> tuple[str, ...]:
 
 def layer_position(name: str, num_layers: int, embed: str | None) -> float:
     """mergekit's t: layer i of L at i/(L−1); embeddings at 0; final norm and head at 1."""
-    m = _LAYER.search(name)
-    if m:
-        return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+    layer = layer_index(name)
+    if layer is not None:
+        return layer / (num_layers - 1) if num_layers > 1 else 1.0
     return 0.0 if name == embed or "embed" in name else 1.0
 
 
@@ -59,7 +58,7 @@ class TensorParams:
 
 
 def resolve_params(m: Manifest, name: str, t: float) -> TensorParams:
-    normalize = m.global_param("normalize", name, t, methods.DEFAULT_NORMALIZE[m.method])
+    normalize = m.global_param("normalize", name, t, merge_methods.DEFAULT_NORMALIZE[m.method])
     return TensorParams(
         weights=tuple(float(m.term_param(term, "weight", name, t, 1.0)) for term in m.terms),
         densities=tuple(float(m.term_param(term, "density", name, t, 1.0)) for term in m.terms),
@@ -94,13 +93,13 @@ def compute_fn(m: Manifest, params: dict[str, TensorParams]) -> engine.ComputeFn
             weights.append(p.weights[i])
             dens.append(p.densities[i])
             gammas.append(p.gammas[i])
-            seeds.append(methods.tensor_seed(p.seed, item.name, i))
+            seeds.append(merge_methods.tensor_seed(p.seed, item.name, i))
         if m.method == "linear":
-            return methods.linear(present, weights, normalize=p.normalize)
-        merged = methods.merge_deltas(present, weights, method=m.method, densities=dens,
+            return merge_methods.linear(present, weights, normalize=p.normalize)
+        merged = merge_methods.merge_deltas(present, weights, method=m.method, densities=dens,
                                       normalize=p.normalize, gamma=gammas, rescale=p.rescale,
                                       seeds=seeds)
-        return methods.apply_merged(base, merged, p.lam, inplace=True)  # merged is ours
+        return merge_methods.apply_merged(base, merged, p.lam, inplace=True)  # merged is ours
 
     return fn
 
@@ -126,7 +125,7 @@ def _plan(m: Manifest, ckpts: dict[str, Checkpoint], options: Options
                         what=f"cannot merge {m.source or 'manifest'}")
     target = ckpts["target"]
     layers = target.config().get("num_hidden_layers") or 1 + max(
-        (int(g.group(1)) for n in target.tensors if (g := _LAYER.search(n))), default=0)
+        (i for n in target.tensors if (i := layer_index(n)) is not None), default=0)
     embed = embed_name(target)
     params = {}
     for item in plan.items:

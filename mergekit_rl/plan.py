@@ -22,6 +22,7 @@ LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight",
                   "word_embeddings.weight", "tok_embeddings.weight")
 MAX_LISTED = 8
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,12 @@ def parse_dtype(text: str) -> torch.dtype | None:
     if text not in names:
         raise ConfigError(f"dtype {text!r}: expected auto, float32, bfloat16 or float16")
     return names[text]
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (`model.layers.3.mlp...` → 3); None outside layers."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
 
 
 def lm_head_name(ckpt: Checkpoint) -> str | None:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # `helpers` importable whatever 
 
 from helpers import load_state, snapshot
 
-from mergekit_rl.tiny import build_model, build_tokenizer, finetune_copy
+from reasoning_demo.tiny import build_model, build_tokenizer, finetune_copy
 
 __all__ = ["load_state", "snapshot"]
 
@@ -70,3 +70,11 @@ def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, dict[str, Path]]:
     yield models
     changed = sorted(set(before.items()) ^ set(snapshot(root).items()))
     assert not changed, f"tests modified the shared tiny models: {changed}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tied Qwen2 (hidden 32, 2 layers, vocab 300), like Qwen2.5-1.5B's tying; read-only."""
+    return build_model(tmp_path_factory.mktemp("trainer_model") / "base", hidden_size=32,
+                       intermediate_size=64, num_layers=2, tied=True, seed=0,
+                       tokenizer_dir=tokenizer_dir)

@@ -18,12 +18,11 @@ TRAINERS = {"SFTConfig": ("sft", "Supervised fine-tuning on completions"),
 
 def _hub_id(path: str) -> str | None:
     """`path` when it names a Hub repo (org/name), not a local folder."""
-    from mergekit_rl.hub import split_hub_id
+    from mergekit_rl.hub import local_path, split_hub_id
 
-    if Path(path).expanduser().exists():
+    if local_path(path) is not None:
         return None
-    parsed = split_hub_id(path)
-    return parsed[0] if parsed else None
+    return split_hub_id(path)[0]
 
 
 def _metric(value) -> str:

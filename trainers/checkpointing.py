@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .config import save_config
+from .errors import TrainerConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,11 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     if resume in ("", "latest", "auto"):
         dirs = checkpoint_dirs(output_dir)
         if not dirs:
-            raise FileNotFoundError(f"--resume: no checkpoint-N in {output_dir} to resume from")
+            raise TrainerConfigError(f"--resume: no checkpoint-N in {output_dir} to resume from")
         return dirs[-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file() or not (path / TRAINING_STATE).is_dir():
-        raise FileNotFoundError(f"--resume: {path} is not a checkpoint folder (no {STATE_FILE} "
+        raise TrainerConfigError(f"--resume: {path} is not a checkpoint folder (no {STATE_FILE} "
                                 f"and {TRAINING_STATE}/)")
     return path
 

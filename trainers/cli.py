@@ -1,38 +1,35 @@
-"""`mergekit-rl train sft|grpo CONFIG.yaml [--set key=value ...] [--resume [DIR]]`.
+"""`mergekit-rl train sft|grpo|wpo CONFIG` and `mergekit-rl sample pairs|rso CONFIG`.
 
-`train` is a Click group the main `mergekit-rl` CLI registers with `main.add_command(train)`.
-Importing this module is cheap: torch and transformers are imported inside the commands.
-The only place in `trainers/` that prints or exits.
+Two Click groups that `mergekit-rl` loads as entry points (`mergekit_rl.console.PluginGroup`);
+`python -m trainers train grpo CONFIG` runs the same commands where a launcher needs a module
+(`torchrun --nproc_per_node 2 -m trainers train grpo CONFIG`). Importing this module is cheap:
+torch and transformers are imported inside the commands. The only place in `trainers/` that
+prints or exits; errors become exit codes by the tool's one policy (`console.user_errors`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import dataclasses
+import functools
 import os
-import signal
-import sys
 from pathlib import Path
 
 import click
 
-SECTIONS = ("model", "data", "train", "optim", "sft", "grpo")
+from mergekit_rl.console import setup_logging, user_errors
 
-
-class _OneLine(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+# Top-level config keys: a message about one of them is prefixed with the config file.
+SECTIONS = ("model", "data", "train", "optim", "sft", "grpo", "wpo", "reward", "generation",
+            "pairs", "rso", "output", "seed", "overwrite")
+# Training-only files that stay local when a run is pushed.
+PUSH_IGNORE = ("checkpoint-*", "*.tmp", "*.tmp/*", "ref_logps.pt", "runs/*")
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
-    main_process = os.environ.get("RANK", "0") == "0"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLine())
-    logger = logging.getLogger("trainers")
-    logger.handlers[:] = [handler]
-    level = logging.DEBUG if verbose else logging.INFO
-    logger.setLevel(logging.ERROR if quiet else level if main_process else logging.WARNING)
-    logger.propagate = False
+    import logging
+
+    setup_logging("trainers", quiet, verbose, default=logging.INFO,
+                  main_process=os.environ.get("RANK", "0") == "0")
     if not verbose:
         from transformers.utils import logging as hf_logging
 
@@ -40,19 +37,15 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
-# Training-only files that stay local when a run is pushed.
-PUSH_IGNORE = ("checkpoint-*", "*.tmp", "*.tmp/*", "ref_logps.pt", "runs/*")
+def _quiet(config, quiet: bool):
+    """`--quiet` also switches the progress bar off."""
+    if not quiet or not hasattr(config, "train"):
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                 progress_bar=False))
 
 
-def push_option(command):
-    command = click.option("--private", is_flag=True,
-                           help="Create the --push-to-hub repo as private.")(command)
-    return click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
-                        help="Upload the final model (weights, tokenizer, config, model card) "
-                             "to this Hub repo when training ends.")(command)
-
-
-def push_result(out: Path, repo_id: str | None, private: bool, kind: str, quiet: bool) -> None:
+def _push(out: Path, repo_id: str | None, private: bool, kind: str, quiet: bool) -> None:
     """Publish a finished run's folder; a failed push leaves the local folder as it is."""
     if not repo_id:
         return
@@ -63,95 +56,107 @@ def push_result(out: Path, repo_id: str | None, private: bool, kind: str, quiet:
         result = push(out, repo_id, private=private, ignore=PUSH_IGNORE,
                       commit_message=f"mergekit-rl train {kind}: {Path(out).name}")
     except MergekitRLError as e:
-        raise click.ClickException(f"{e} (the model is saved in {out})") from None
+        raise click.ClickException(
+            f"{e} (the model is saved in {out}; push it later with `mergekit-rl push {out} "
+            f"{repo_id}`)") from None
     if not quiet:
         click.echo(f"pushed to {result.commit_url}")
 
 
-@contextlib.contextmanager
-def user_errors(config_path: Path, sections: tuple[str, ...] = SECTIONS,
-                interrupted: str = "no checkpoint was written for the current step"):
-    """Turn what a user can fix into a one-line error naming the config; signals into exits."""
-    from .errors import TrainerError, TrainingInterrupted
-
-    try:
-        yield
-    except TrainingInterrupted as e:
-        click.echo(f"interrupted: {e}", err=True)
-        sys.exit(128 + int(e.signum))
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: {interrupted}", err=True)
-        sys.exit(128 + signal.SIGINT)
-    except (TrainerError, OSError, ImportError, ValueError) as e:
-        message = str(e)
-        if str(config_path) not in message and message.split(".")[0].split(":")[0] in sections:
-            message = f"{config_path}: {message}"
-        raise click.ClickException(message) from None
+def _common(command, example: str):
+    command = click.option("-v", "--verbose", is_flag=True,
+                           help="Debug logging (and transformers').")(command)
+    command = click.option("-q", "--quiet", is_flag=True,
+                           help="Errors only; no progress bar.")(command)
+    command = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                           help=f"Override a config value, e.g. --set {example} "
+                                "(repeatable).")(command)
+    return click.argument("config", type=click.Path(path_type=Path))(command)
 
 
-def quiet_config(config, quiet: bool):
-    """`--quiet` also switches the progress bar off."""
-    if not quiet:
-        return config
-    import dataclasses
-
-    return dataclasses.replace(config, train=dataclasses.replace(config.train,
-                                                                 progress_bar=False))
-
-
-def _run(trainer: str, config_path: Path, overrides: tuple[str, ...], resume: str | None,
-         quiet: bool, verbose: bool, push_to_hub: str | None = None,
-         private: bool = False) -> None:
-    _setup_logging(quiet, verbose)
-    with user_errors(config_path):
-        from .config import load_config
-
-        if trainer == "sft":
-            from .sft import SFTConfig as config_cls
-            from .sft import train_sft as run
-        else:
-            from .grpo import GRPOConfig as config_cls
-            from .grpo import train_grpo as run
-        out = run(quiet_config(load_config(config_cls, config_path, overrides), quiet),
-                  resume=resume)
-    if not quiet:
-        click.echo(f"{trainer}: model written to {out}")
-    push_result(out, push_to_hub, private, trainer, quiet)
-
-
-def _command(trainer: str, doc: str):
-    @click.command(name=trainer, help=doc)
-    @click.argument("config", type=click.Path(path_type=Path))
-    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                  help="Override a config value, e.g. --set optim.lr=2e-5 (repeatable).")
+def _train_command(kind: str, doc: str) -> click.Command:
+    @click.command(name=kind, help=doc)
+    @functools.partial(_common, example="optim.lr=2e-5")
     @click.option("--resume", is_flag=False, flag_value="latest", default=None,
                   metavar="[DIR]",
                   help="Continue from a checkpoint: DIR, or the newest in train.output_dir.")
-    @click.option("-q", "--quiet", is_flag=True, help="Errors only; no progress bar.")
-    @click.option("-v", "--verbose", is_flag=True, help="Debug logging (and transformers').")
-    @push_option
-    def command(config, overrides, resume, quiet, verbose, push_to_hub, private):
-        _run(trainer, config, overrides, resume, quiet, verbose, push_to_hub, private)
+    @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
+                  help="Upload the final model (weights, tokenizer, config, model card) to this "
+                       "Hub repo when training ends.")
+    @click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
+    def command(config, overrides, quiet, verbose, resume, push_to_hub, private):
+        _setup_logging(quiet, verbose)
+        with user_errors("no checkpoint was written for the current step", config, SECTIONS):
+            from . import registry
+
+            out = registry.run(kind, _quiet(registry.load(kind, config, overrides), quiet),
+                               resume=resume)
+        if not quiet:
+            click.echo(f"{kind}: model written to {out}")
+        _push(out, push_to_hub, private, kind, quiet)
 
     return command
 
 
-sft = _command("sft", """Supervised fine-tuning on completions (prompt tokens masked), with
+def _sample_command(kind: str, doc: str) -> click.Command:
+    @click.command(name=kind, help=doc)
+    @functools.partial(_common, example="generation.temperature=0.7")
+    def command(config, overrides, quiet, verbose):
+        _setup_logging(quiet, verbose)
+        with user_errors("the output file was not written", config, SECTIONS):
+            from . import registry
+
+            out = registry.run(kind, registry.load(kind, config, overrides))
+        if not quiet:
+            click.echo(f"{kind}: pairs written to {out}")
+
+    return command
+
+
+sft = _train_command("sft", """Supervised fine-tuning on completions (prompt tokens masked), with
 optional C-RLFT class conditioning and weights (sft.crlft).
 
 Writes the model, tokenizer and resolved config to train.output_dir, checkpoint-N/ folders
 every train.save_steps, and metrics.jsonl. Ctrl-C or SIGTERM writes a checkpoint first.
-Multi-process: torchrun --nproc_per_node N -m trainers.sft CONFIG.""")
+Multi-process: torchrun --nproc_per_node N -m trainers train sft CONFIG.""")
 
-grpo = _command("grpo", """GRPO (DeepSeekMath): G sampled completions per prompt, group-relative
-advantages, clipped ratio, optional k3 KL to the starting model (grpo.beta).
+grpo = _train_command("grpo", """GRPO (DeepSeekMath): G sampled completions per prompt,
+group-relative advantages, clipped ratio, optional k3 KL to the starting model (grpo.beta).
 
 Rewards (grpo.rewards) are built-ins (exact_answer, format) or module:function callables
 (prompts, completions, **columns) -> list[float | None]. Outputs as for `train sft`.""")
 
-train = click.Group("train", help="Train the donor checkpoints (SFT, GRPO) on this machine or "
-                                  "data-parallel with torchrun / accelerate launch.",
-                    commands=[sft, grpo])
+wpo = _train_command("wpo", """Preference optimisation with WPO weighting (arXiv 2406.11827)
+over the DPO family.
 
-if __name__ == "__main__":
-    train()
+wpo.loss_type: sigmoid (DPO, cDPO with wpo.label_smoothing), robust, ipo, hinge (RSO
+hinge-norm; SLiC with wpo.reference_free), copg (needs chosen_reward/rejected_reward).
+wpo.weighting multiplies each pair's loss by w(x,y_w)·w(x,y_l) (wpo.weight_alignment,
+wpo.weight_clamp). Rows: prompt, chosen, rejected (strings or chat messages), e.g. the
+output of `mergekit-rl sample pairs`. Reference log-probs are computed once and cached in
+train.output_dir. Outputs as for `train sft`; Ctrl-C or SIGTERM writes a checkpoint first.""")
+
+pairs = _sample_command("pairs", """On-policy or hybrid preference pairs (WPO's best setting,
+arXiv 2406.11827).
+
+Samples generation.num_samples completions per prompt from model.path, scores them with
+reward.function (a rule: built-in or module:function) or reward.model (a local
+sequence-classification reward model); chosen = best, rejected = lowest (pairs.rejected:
+random). pairs.mode hybrid adds the row's own answers (pairs.off_policy_fields) to the
+candidates. Writes JSONL that `train wpo` reads.""")
+
+rso = _sample_command("rso", """RSO statistical rejection sampling (arXiv 2309.06657) into
+preference pairs.
+
+Samples generation.num_samples candidates per prompt (paper: 64, temperature 0.7, top-k
+40), scores them, accepts rso.num_accepted (paper: 8) without replacement with probability
+exp((r − r_max)/rso.beta), and pairs them (rso.pairing: first_round or tournament).
+Train on the output with `train wpo` and wpo.loss_type hinge or sigmoid (β = γ = 0.05).""")
+
+train = click.Group("train", help="Train the donor checkpoints (SFT, GRPO, WPO) on this machine "
+                                  "or data-parallel with torchrun / accelerate launch.",
+                    commands=[sft, grpo, wpo])
+
+sample = click.Group("sample", help="Make preference pairs by sampling from a policy and "
+                                    "scoring with a reward (WPO hybrid pairs, RSO).",
+                     commands=[pairs, rso])

@@ -162,7 +162,7 @@ def load_config(cls, path: str | Path, overrides: typing.Iterable[str] = ()):
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: config file not found") from None
+        raise TrainerConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         raise TrainerConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     raw = {} if raw is None else raw
@@ -302,23 +302,17 @@ def save_config(config, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def is_local_path(value: str, base: Path) -> bool:
-    """Local if absolute, explicitly relative (./, ../, ~), or existing relative to `base`."""
-    return (value.startswith(("/", "./", "../", "~")) or Path(value).suffix in DATA_SUFFIXES
-            or (base / value).exists())
-
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
 def resolve_paths(config, base: Path):
-    """Make local `model.path`, `model.tokenizer`, `data.path`, `train.output_dir` absolute."""
+    """Make local `model.path`, `model.tokenizer`, `data.path`, `train.output_dir` absolute,
+    relative to `base` (the config's folder); Hub ids stay as they are (`hub.local_path` is the
+    one rule for telling them apart)."""
+    from mergekit_rl.hub import local_path
+
     base = Path(base).resolve()
 
     def local(value: str | None) -> str | None:
-        if value is None or not is_local_path(value, base):
-            return value
-        return str((base / Path(value).expanduser()).resolve())
+        path = None if value is None else local_path(value, base)
+        return value if path is None else str(path.resolve())
 
     changes = {}
     if hasattr(config, "model"):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import DATA_SUFFIXES, DataConfig
+from .config import DataConfig
 from .errors import TrainerConfigError
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,10 @@ Messages = list[dict[str, str]]
 
 def load_rows(cfg: DataConfig, required: tuple[str, ...]) -> list[dict[str, Any]]:
     """Rows of the dataset as dicts; every field in `required` must be present in every row."""
-    path = Path(cfg.path)
-    if path.suffix in DATA_SUFFIXES or path.is_absolute():
-        rows = _read_file(path)
-    else:
-        rows = _load_hub(cfg)
+    from mergekit_rl.hub import local_path
+
+    path = local_path(cfg.path)
+    rows = _load_hub(cfg) if path is None else _read_file(path)
     if not rows:
         raise TrainerConfigError(f"data.path: {cfg.path} has no rows")
     if cfg.max_examples is not None:
@@ -62,7 +61,7 @@ def _field_option(field: str, cfg: DataConfig) -> str:
 
 def _read_file(path: Path) -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"data.path: {path} not found")
+        raise TrainerConfigError(f"data.path: {path} not found")
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -187,16 +186,3 @@ def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], max_length: i
     if trained:
         trained[0] = False  # the first token has no prediction
     return ids[:max_length], trained[:max_length]
-
-
-def left_pad(seqs: list[list[int]], pad_id: int):
-    """Left-pad token lists for generation. -> input_ids, attention_mask: LongTensor [b, T]"""
-    import torch
-
-    width = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, x in enumerate(seqs):
-        ids[row, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[row, width - len(x):] = 1
-    return ids, mask

@@ -1,12 +1,16 @@
 """Exception types the trainers raise for things a user can fix.
 
-The CLI turns each into a one-line message and an exit code; library code never prints.
+They are the tool's `MergekitRLError`s, so every command line turns them into a one-line message
+and an exit code by the same policy (`mergekit_rl.console.user_errors`); library code never
+prints.
 """
 
 from __future__ import annotations
 
+from mergekit_rl.errors import Interrupted, MergekitRLError
 
-class TrainerError(Exception):
+
+class TrainerError(MergekitRLError):
     """Base class of the trainers' own errors."""
 
 
@@ -21,10 +25,9 @@ class NonFiniteLossError(TrainerError):
     """The loss or the gradient norm became NaN or Inf; the message names the step."""
 
 
-class TrainingInterrupted(TrainerError):
+class TrainingInterrupted(TrainerError, Interrupted):
     """SIGINT/SIGTERM stopped training after a checkpoint was written."""
 
     def __init__(self, message: str, signum: int, checkpoint: str):
-        super().__init__(message)
-        self.signum = signum
+        Interrupted.__init__(self, message, signum)
         self.checkpoint = checkpoint

@@ -7,7 +7,7 @@ on that batch with the clipped-ratio loss plus β·KL_k3 to the frozen starting 
 (`losses.grpo_token_loss`). β = 0 loads no reference model.
 
     mergekit-rl train grpo manifests/train/grpo_gsm8k_qwen2.5_1.5b.yaml
-    torchrun --nproc_per_node 2 -m trainers.grpo CONFIG.yaml
+    torchrun --nproc_per_node 2 -m trainers train grpo CONFIG.yaml
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require, to_dict
-from .data import epoch_order, left_pad, load_rows, prompt_value, render_generation_prompt
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
+from .data import epoch_order, load_rows, prompt_value, render_generation_prompt
 from .errors import TrainerConfigError
 
 log = logging.getLogger(__name__)
@@ -139,59 +139,24 @@ def pad_rollout(prompts: list[list[int]], completions: list[list[int]], pad_id: 
             "completion_mask": completion.to(device)}
 
 
-@torch.no_grad()
-def sample(model, prompts: list[list[int]], params: GRPOParams, pad_id: int,
-           eos_ids: set[int], device) -> list[list[int]]:
-    """One sampled completion per prompt (repeat prompts for G), cut after the first EOS."""
-    from transformers import GenerationConfig
-
-    # Every sampling knob is set explicitly: transformers fills unset (None) fields from the
-    # model's generation_config (Qwen2.5: top_k 20, top_p 0.8, repetition_penalty 1.05), which
-    # would sample from a distribution other than the π the loss assumes.
-    gen = GenerationConfig(
-        do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-        min_p=0.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        max_new_tokens=params.max_completion_length, num_beams=1, use_cache=True,
-        pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
-    was_training = model.training
-    model.eval()  # gradient checkpointing would switch the KV cache off in train mode
-    chunk = params.generation_batch_size or len(prompts)
-    completions: list[list[int]] = []
-    for start in range(0, len(prompts), chunk):
-        ids, mask = left_pad(prompts[start:start + chunk], pad_id)
-        width = ids.shape[1]
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             generation_config=gen)[:, width:].tolist()
-        for tokens in out:
-            end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
-            completions.append(tokens[:end])
-    model.train(was_training)
-    return completions
-
-
 def score(reward_fns: list, specs: tuple[RewardSpec, ...], prompts: list, completions: list[str],
           columns: dict[str, list]) -> torch.Tensor:
-    """[N, F] rewards, NaN where a function returned None; checks what each function returns."""
+    """[N, F] rewards, NaN where a function gave no reward (None or NaN)."""
+    from .rewards import check_rewards
+
     out = torch.full((len(completions), len(reward_fns)), math.nan)
     for j, (fn, spec) in enumerate(zip(reward_fns, specs)):
-        values = fn(prompts, completions, **columns)
-        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-            raise TrainerConfigError(f"grpo.rewards.{j} ({spec.name}): returned "
-                                     f"{type(values).__name__} of length "
-                                     f"{len(values) if hasattr(values, '__len__') else '?'} for "
-                                     f"{len(completions)} completions; expected a list of floats")
+        values = check_rewards(fn(prompts, completions, **columns), len(completions),
+                               f"grpo.rewards.{j} ({spec.name})")
         for i, v in enumerate(values):
             if v is not None:
-                if not isinstance(v, (int, float)):
-                    raise TrainerConfigError(f"grpo.rewards.{j} ({spec.name}): value {v!r} is "
-                                             "not a number or None")
-                out[i, j] = float(v)
+                out[i, j] = v
     return out
 
 
 def reward_metrics(rewards: torch.Tensor, total: torch.Tensor, specs, group: int) -> dict:
     """Means/stds over the global batch, per function and of the weighted sum."""
-    from .losses import nanstd
+    from .losses.policy import nanstd
 
     metrics = {"reward": float(torch.nanmean(total)), "reward_std": float(nanstd(total))}
     for j, spec in enumerate(specs):
@@ -208,35 +173,89 @@ def reward_metrics(rewards: torch.Tensor, total: torch.Tensor, specs, group: int
 # ---------------------------------------------------------------------------------------------
 # Training
 
+@dataclass
+class Prompts:
+    """The dataset's prompts: as the rewards see them, and as token ids (left-truncated)."""
+
+    rows: list[dict]
+    values: list  # prompt strings or message lists
+    ids: list[list[int]]
+
+
+def load_prompts(config: GRPOConfig, tokenizer) -> Prompts:
+    data, params = config.data, config.grpo
+    if data.chat and tokenizer.chat_template is None:
+        raise TrainerConfigError("data.chat: the tokenizer has no chat template; set false")
+    rows = load_rows(data, () if data.prompt_template else (data.prompt_field,))
+    values = [prompt_value(row, data) for row in rows]
+    ids = [tokenizer(render_generation_prompt(tokenizer, p, data),
+                     add_special_tokens=False)["input_ids"] for p in values]
+    cut = sum(len(p) > params.max_prompt_length for p in ids)
+    if cut:
+        log.warning("%d prompts are longer than grpo.max_prompt_length %d; their first tokens "
+                    "are dropped", cut, params.max_prompt_length)
+    return Prompts(rows, values, [p[-params.max_prompt_length:] for p in ids])
+
+
+def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_fns: list,
+            stops: set[int]) -> tuple[list[dict], dict, float]:
+    """Sample this process's completions (each prompt index in `mine` once per completion),
+    score them, and give group-relative advantages over the global batch.
+
+    -> (micro-batches with advantages, round metrics, completion tokens of the global batch)
+    """
+    from accelerate.utils import gather
+
+    from .generation import sample
+    from .losses.policy import group_advantages
+
+    params, data, tokenizer = config.grpo, config.data, run.tokenizer
+    t0 = time.perf_counter()
+    completions = sample(run.policy, [prompts.ids[j] for j in mine], params,
+                         tokenizer.pad_token_id, stops, run.device)
+    gen_seconds = time.perf_counter() - t0
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    keys = sorted({k for j in mine for k in prompts.rows[j]} - {data.prompt_field})
+    columns = {k: [prompts.rows[j].get(k) for j in mine] for k in keys}
+    local = score(reward_fns, params.rewards, [prompts.values[j] for j in mine], texts, columns)
+    rewards = gather(local.to(run.device)).cpu()  # [B, F], in process order
+    weights = torch.tensor([s.weight for s in params.rewards])
+    total = (rewards * weights).nansum(dim=1)
+    total[torch.isnan(rewards).all(dim=1)] = math.nan  # no reward applied: no signal
+    advantages = group_advantages(total, params.num_generations, params.scale_rewards)
+    advantages = advantages[run.rank * len(mine):(run.rank + 1) * len(mine)].to(run.device)
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+    ended = torch.tensor([float(bool(c) and c[-1] in stops) for c in completions])
+    lengths, ended = gather(lengths.to(run.device)).cpu(), gather(ended.to(run.device)).cpu()
+    metrics = {**reward_metrics(rewards, total, params.rewards, params.num_generations),
+               "completion_length/mean": float(lengths.mean()),
+               "completion_length/min": float(lengths.min()),
+               "completion_length/max": float(lengths.max()),
+               "terminated_fraction": float(ended.mean()), "gen_s": gen_seconds}
+    micro = config.train.micro_batch_size
+    pieces = [pad_rollout([prompts.ids[j] for j in mine[k:k + micro]], completions[k:k + micro],
+                          tokenizer.pad_token_id, run.device)
+              for k in range(0, len(mine), micro)]
+    for k, piece in enumerate(pieces):
+        piece["advantages"] = advantages[k * micro:(k + 1) * micro]
+    return pieces, metrics, float(lengths.sum())
+
+
 def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
     """Run GRPO as configured; return the output folder (final model, tokenizer, config).
 
     `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
     """
-    from accelerate.utils import gather, set_seed
-
-    from . import runtime
-    from .checkpointing import (
-        StopSignal,
-        load_training_state,
-        resolve_resume,
-        save_checkpoint,
-        save_model,
-    )
+    from .generation import stop_token_ids
     from .logprobs import token_logprobs
-    from .losses import group_advantages, grpo_token_loss
-    from .metrics import MetricsLogger
+    from .losses.policy import grpo_token_loss
     from .rewards import resolve_reward
+    from .scaffold import Run
 
-    train, params, data = config.train, config.grpo, config.data
+    train, params = config.train, config.grpo
     group, mu = params.num_generations, params.num_iterations
-    out = Path(train.output_dir)
-    resume_dir = resolve_resume(out, resume)
-    accelerator = runtime.make_accelerator(train)
-    runtime.prepare_output_dir(accelerator, train, resume_dir)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    local_prompts = config.split(world)
-    micro = train.micro_batch_size
+    run = Run(config, "grpo", resume)
+    local_prompts = config.split(run.world)
 
     # Everything that can fail on user input happens before the model loads.
     reward_fns = []
@@ -245,153 +264,79 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
             reward_fns.append(resolve_reward(spec.name, spec.kwargs))
         except ValueError as e:
             raise TrainerConfigError(f"grpo.rewards.{j}.name: {e}") from None
-    tokenizer = runtime.load_tokenizer(config.model)
-    if data.chat and tokenizer.chat_template is None:
-        raise TrainerConfigError("data.chat: the tokenizer has no chat template; set false")
-    rows = load_rows(data, () if data.prompt_template else (data.prompt_field,))
-    prompts = [prompt_value(row, data) for row in rows]
-    prompt_ids = [tokenizer(render_generation_prompt(tokenizer, p, data),
-                            add_special_tokens=False)["input_ids"] for p in prompts]
-    cut = sum(len(p) > params.max_prompt_length for p in prompt_ids)
-    if cut:
-        log.warning("%d prompts are longer than grpo.max_prompt_length %d; their first tokens "
-                    "are dropped", cut, params.max_prompt_length)
-    prompt_ids = [p[-params.max_prompt_length:] for p in prompt_ids]
+    prompts = load_prompts(config, run.tokenizer)
     prompts_per_step = train.batch_size // group
-    rounds_per_epoch = len(rows) // prompts_per_step
+    rounds_per_epoch = len(prompts.rows) // prompts_per_step
     if rounds_per_epoch == 0:
         raise TrainerConfigError(f"train.batch_size: {prompts_per_step} prompts per step is more "
-                                 f"than the {len(rows)} rows")
+                                 f"than the {len(prompts.rows)} rows")
     max_steps = train.max_steps or math.ceil(train.epochs * rounds_per_epoch) * mu
+    ref = run.load_reference() if params.beta > 0 else None
+    run.start(max_steps, lambda step: {"round": step // mu,
+                                       "prompts_seen": step // mu * prompts_per_step})
+    stops = stop_token_ids(run.tokenizer, run.policy)
+    eps_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
 
-    model = runtime.load_model(config.model, path=resume_dir)
-    eos_ids = runtime.stop_token_ids(tokenizer, model)
-    ref = None
-    if params.beta > 0:
-        ref = runtime.load_model(config.model, trainable=False).to(device)
-    optimizer = runtime.make_optimizer(model, config.optim)
-    scheduler = runtime.make_scheduler(optimizer, config.optim, max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)  # scheduler: stepped by us
-    policy = accelerator.unwrap_model(model)
-    state = {"step": 0}
-    if resume_dir is not None:
-        runtime.warn_config_changes(resume_dir / "trainer_config.yaml", config)
-        state = load_training_state(resume_dir, accelerator, optimizer, scheduler)
-        log.info("resumed from %s at step %d", resume_dir, state["step"])
-    else:
-        set_seed(train.seed, device_specific=True)  # each process samples differently
-    step = state["step"]
-    last_checkpoint = str(resume_dir) if resume_dir else None
-    logger = MetricsLogger(accelerator, out, "grpo", to_dict(config), max_steps, step,
-                           train.progress_bar)
-
-    def checkpoint(metrics: dict) -> str:
-        return str(save_checkpoint(
-            out, accelerator, model, tokenizer, optimizer, scheduler, config,
-            {"step": step, "round": step // mu, "prompts_seen": step // mu * prompts_per_step,
-             "metrics": metrics}, train.max_shard_size, train.save_total_limit))
-
-    def logps_of(net, batch, grad: bool) -> torch.Tensor:
-        with nullcontext() if grad else torch.no_grad(), accelerator.autocast():
-            return token_logprobs(net, batch["input_ids"], batch["attention_mask"],
-                                  batch["completion_mask"], params.temperature)
+    def logps_of(net, piece, grad: bool) -> torch.Tensor:
+        with nullcontext() if grad else torch.no_grad(), run.accelerator.autocast():
+            return token_logprobs(net, piece["input_ids"], piece["attention_mask"],
+                                  piece["completion_mask"], params.temperature)
 
     metrics: dict = {}
     orders: dict[int, list[int]] = {}
-    with StopSignal() as stop:
-        while step < max_steps:
+    with run.signals():
+        while run.step < run.max_steps:
             # ---- generation round: this process's prompts, G completions each --------------
             t0 = time.perf_counter()
-            epoch, offset = divmod(step // mu, rounds_per_epoch)
+            epoch, offset = divmod(run.step // mu, rounds_per_epoch)
             if epoch not in orders:
-                orders = {epoch: epoch_order(len(rows), epoch, train.seed, data.shuffle)}
+                orders = {epoch: epoch_order(len(prompts.rows), epoch, train.seed,
+                                             config.data.shuffle)}
             batch = orders[epoch][offset * prompts_per_step:(offset + 1) * prompts_per_step]
-            mine = [j for j in batch[rank * local_prompts:(rank + 1) * local_prompts]
+            mine = [j for j in batch[run.rank * local_prompts:(run.rank + 1) * local_prompts]
                     for _ in range(group)]  # each prompt G times, consecutive
-            completions = sample(policy, [prompt_ids[j] for j in mine], params,
-                                 tokenizer.pad_token_id, eos_ids, device)
-            gen_seconds = time.perf_counter() - t0
-            texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-            keys = sorted({k for j in mine for k in rows[j]} - {data.prompt_field})
-            columns = {k: [rows[j].get(k) for j in mine] for k in keys}
-            local_rewards = score(reward_fns, params.rewards, [prompts[j] for j in mine], texts,
-                                  columns)
-            rewards = gather(local_rewards.to(device)).cpu()  # [B, F], in process order
-            weights = torch.tensor([s.weight for s in params.rewards])
-            total = (rewards * weights).nansum(dim=1)
-            total[torch.isnan(rewards).all(dim=1)] = math.nan  # no reward applied: no signal
-            advantages = group_advantages(total, group, params.scale_rewards)
-            advantages = advantages[rank * len(mine):(rank + 1) * len(mine)].to(device)
-            lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
-            ended = torch.tensor([float(bool(c) and c[-1] in eos_ids) for c in completions])
-            lengths, ended = gather(lengths.to(device)).cpu(), gather(ended.to(device)).cpu()
-            round_metrics = {**reward_metrics(rewards, total, params.rewards, group),
-                             "completion_length/mean": float(lengths.mean()),
-                             "completion_length/min": float(lengths.min()),
-                             "completion_length/max": float(lengths.max()),
-                             "terminated_fraction": float(ended.mean()), "gen_s": gen_seconds}
-            num_tokens = float(lengths.sum())  # completion tokens of the global batch (dapo)
-
-            pieces = [pad_rollout([prompt_ids[j] for j in mine[k:k + micro]],
-                                  completions[k:k + micro], tokenizer.pad_token_id, device)
-                      for k in range(0, len(mine), micro)]
-            for k, piece in enumerate(pieces):
-                piece["advantages"] = advantages[k * micro:(k + 1) * micro]
+            pieces, round_metrics, num_tokens = rollout(run, config, prompts, mine, reward_fns,
+                                                        stops)
+            for piece in pieces:
                 # π_old is needed only when the batch is reused; otherwise logp.detach() is it.
-                piece["old"] = logps_of(model, piece, grad=False) if mu > 1 else None
+                piece["old"] = logps_of(run.model, piece, grad=False) if mu > 1 else None
                 piece["ref"] = logps_of(ref, piece, grad=False) if ref is not None else None
 
             # ---- μ optimizer steps on this batch ------------------------------------------
             for _ in range(mu):
-                sums = torch.zeros(6, device=device)  # loss, kl, clip low/high/region, tokens
+                sums = torch.zeros(6, device=run.device)  # loss, kl, clip low/high/region, tokens
                 for k, piece in enumerate(pieces):
-                    sync = k == len(pieces) - 1
-                    with nullcontext() if sync else accelerator.no_sync(model):
-                        logp = logps_of(model, piece, grad=True)  # [b, T]
+                    with run.accumulate(last=k == len(pieces) - 1):
+                        logp = logps_of(run.model, piece, grad=True)  # [b, T]
                         loss, m = grpo_token_loss(
                             logp, piece["old"] if mu > 1 else logp.detach(), piece["ref"],
                             piece["advantages"], piece["completion_mask"],
-                            eps_low=params.epsilon,
-                            eps_high=params.epsilon_high if params.epsilon_high is not None
-                            else params.epsilon, beta=params.beta, aggregation=params.loss_type,
+                            eps_low=params.epsilon, eps_high=eps_high, beta=params.beta,
+                            aggregation=params.loss_type,
                             max_completion_length=params.max_completion_length,
                             num_sequences=train.batch_size, num_tokens=num_tokens)
-                        # Global normalisers make each piece's share exact; `world` undoes DDP's
-                        # average. bnpo is per micro-batch by definition: average the pieces.
-                        scale = 1 / len(pieces) if params.loss_type == "bnpo" else world
-                        accelerator.backward(loss * scale)
+                        # Global normalisers make each piece's share exact. bnpo is per
+                        # micro-batch by definition: average the pieces (`backward` multiplies
+                        # by `world`, which the 1/world here undoes).
+                        scale = 1 / (len(pieces) * run.world) if params.loss_type == "bnpo" \
+                            else 1.0
+                        run.backward(loss * scale)
                     t = m["tokens"]
-                    sums += torch.stack([loss.detach() * scale / world, m["kl"] * t,
-                                         m["clip_low"] * t, m["clip_high"] * t,
-                                         m["clip_region"] * t, t]).to(device)
-                sums = runtime.reduce_sum(accelerator, sums).tolist()
+                    sums += torch.stack([loss.detach() * scale, m["kl"] * t, m["clip_low"] * t,
+                                         m["clip_high"] * t, m["clip_region"] * t, t])
+                sums = run.reduce_sum(sums).tolist()
                 loss_value, tokens = sums[0], max(sums[5], 1.0)
-                runtime.check_finite(loss_value, step + 1, "loss", last_checkpoint)
-                grad_norm, lr = runtime.optimizer_step(accelerator, model, optimizer, scheduler,
-                                                       config.optim.max_grad_norm, step + 1,
-                                                       last_checkpoint)
-                step += 1
+                grad_norm, lr = run.update(loss_value)
                 seconds = time.perf_counter() - t0
                 metrics = {"loss": loss_value, **round_metrics, "kl": sums[1] / tokens,
                            "clip_ratio/low": sums[2] / tokens, "clip_ratio/high": sums[3] / tokens,
                            "clip_ratio/region": sums[4] / tokens, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": num_tokens / seconds, "step_s": seconds}
                 t0 = time.perf_counter()
-                if step % train.log_steps == 0 or step == max_steps:
-                    logger.log(step, metrics)
-                logger.advance(step, metrics)
-
-            # ---- between rounds: checkpoints and signals ----------------------------------
-            last_checkpoint = runtime.save_or_stop(train, step, metrics, checkpoint, stop,
-                                                   accelerator, logger, last_checkpoint)
-    save_model(out, accelerator, model, tokenizer, config,
-               {"step": step, "round": step // mu, "metrics": metrics}, train.max_shard_size)
-    logger.close()
-    log.info("GRPO finished after %d steps; model written to %s", step, out)
-    return out
+                run.log(metrics)
+            run.checkpoint_or_stop(metrics)  # between rounds
+    return run.finish(metrics)
 
 
-if __name__ == "__main__":  # python -m trainers.grpo CONFIG [--set k=v] [--resume [DIR]]
-    from .cli import grpo as _command
-
-    _command(prog_name="python -m trainers.grpo")
+if __name__ == "__main__":  # the entry point of earlier versions: say where it went
+    raise SystemExit("python -m trainers.grpo is now: python -m trainers train grpo CONFIG")

@@ -100,6 +100,24 @@ def format_reward(prompts: list, completions: list[str], pattern: str | None = N
     return [1.0 if extract_answer(c) else 0.0 for c in completions]
 
 
+def check_rewards(values, count: int, what: str) -> list[float | None]:
+    """What a reward function returned, checked once for every caller (GRPO, the samplers): a
+    list or tuple of `count` numbers or None (bools are refused: a predicate is not a score).
+    NaN is read as None: no reward for that completion. Errors name `what` returned it."""
+    from .errors import TrainerConfigError
+
+    if not isinstance(values, (list, tuple)) or len(values) != count:
+        size = len(values) if hasattr(values, "__len__") else "?"
+        raise TrainerConfigError(f"{what}: returned {type(values).__name__} of length {size} for "
+                                 f"{count} completions; expected a list of floats")
+    out: list[float | None] = []
+    for v in values:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise TrainerConfigError(f"{what}: value {v!r} is not a number or None")
+        out.append(None if v is None or v != v else float(v))
+    return out
+
+
 BUILTIN: dict[str, RewardFunction] = {"exact_answer": exact_answer, "format": format_reward}
 
 

@@ -1,10 +1,11 @@
-"""Setting up a run: accelerator, tokenizer, model, optimizer, schedule, collective helpers.
+"""The parts a run is built from: accelerator, tokenizer, model, optimizer, schedule, collective
+helpers (`scaffold.Run` puts them together).
 
 Multi-device comes from accelerate with no code change: `torchrun --nproc_per_node N -m
-trainers.sft CONFIG` (or `accelerate launch -m ...` on GPUs, DeepSpeed/FSDP through accelerate's
-config) runs data-parallel. The global batch is fixed by the config, so the maths does not
-depend on the number of processes: each process takes its slice, and losses are normalised by
-global counts.
+trainers train sft CONFIG` (or `accelerate launch -m trainers ...` on GPUs, DeepSpeed/FSDP
+through accelerate's config) runs data-parallel. The global batch is fixed by the config, so
+the maths does not depend on the number of processes: each process takes its slice, and losses
+are normalised by global counts.
 """
 
 from __future__ import annotations
@@ -127,108 +128,3 @@ def reduce_sum(accelerator, values: torch.Tensor) -> torch.Tensor:
     if accelerator.num_processes == 1:
         return values
     return accelerator.reduce(values.to(accelerator.device), reduction="sum")
-
-
-def check_finite(value: float, step: int, what: str, last_checkpoint: str | None) -> None:
-    from .errors import NonFiniteLossError
-
-    if not math.isfinite(value):
-        where = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else \
-            "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"{what} is {value} at step {step}; training stopped before the update ({where}). "
-            "Lower optim.lr, set optim.max_grad_norm, or check the data and rewards")
-
-
-def prepare_output_dir(accelerator, train: TrainConfig, resume_dir: Path | None) -> None:
-    """Refuse to start a fresh run on top of an earlier one unless told to overwrite it."""
-    import shutil
-
-    from .checkpointing import checkpoint_dirs
-    from .metrics import METRICS_FILE
-
-    out = Path(train.output_dir)
-    earlier = checkpoint_dirs(out) or (out / METRICS_FILE).is_file()
-    if resume_dir is None and earlier:
-        if not train.overwrite_output_dir:
-            raise TrainerConfigError(
-                f"train.output_dir: {out} already holds a run; pass --resume to continue it, "
-                "set train.overwrite_output_dir: true to start afresh, or choose another folder")
-        if accelerator.is_main_process:
-            for d in out.glob("checkpoint-*"):
-                shutil.rmtree(d, ignore_errors=True)
-            (out / METRICS_FILE).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-
-
-def warn_config_changes(saved: Path, config) -> None:
-    """On resume, name the fields that differ from the run's saved config."""
-    import yaml
-
-    from .config import to_dict
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    if not saved.is_file():
-        return
-    before = dict(flat(yaml.safe_load(saved.read_text()) or {}))
-    now = dict(flat(to_dict(config)))
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    if changed:
-        log.warning("resuming with a config that differs from the checkpoint's in: %s",
-                    ", ".join(changed))
-
-
-def clip_gradients(accelerator, model, max_norm: float | None) -> float:
-    """Clip gradients (if configured) and return their global norm."""
-    if max_norm is not None:
-        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float | None,
-                   step: int, last_checkpoint: str | None) -> tuple[float, float]:
-    """Clip, refuse a non-finite gradient, update, advance the schedule.
-
-    `step` is the number of the update being taken (1-based). -> (grad_norm, lr used)
-    """
-    grad_norm = clip_gradients(accelerator, model, max_grad_norm)
-    check_finite(grad_norm, step, "gradient norm", last_checkpoint)
-    optimizer.step()
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr
-
-
-def save_or_stop(train: TrainConfig, step: int, metrics: dict, checkpoint, stop, accelerator,
-                 logger, last_checkpoint: str | None) -> str | None:
-    """After an update: checkpoint every `train.save_steps`; on SIGINT/SIGTERM make sure a
-    checkpoint of this step exists, then raise TrainingInterrupted. -> the last checkpoint."""
-    from .errors import TrainingInterrupted
-
-    saved = train.save_steps is not None and step % train.save_steps == 0
-    if saved:
-        last_checkpoint = checkpoint(metrics)
-    signum = stop.requested(accelerator)
-    if signum:
-        if not saved:
-            last_checkpoint = checkpoint(metrics)
-        logger.close()
-        raise TrainingInterrupted(f"stopped at step {step}: checkpoint {last_checkpoint}; "
-                                  "continue with --resume", signum, last_checkpoint)
-    return last_checkpoint
-
-
-def stop_token_ids(tokenizer, model) -> set[int]:
-    """Token ids that end a completion: the tokenizer's eos and the model's generation_config
-    eos (an int or a list, e.g. Qwen's `<|im_end|>` and `<|endoftext|>`)."""
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = {tokenizer.eos_token_id, *(extra if isinstance(extra, list) else [extra])}
-    return {i for i in ids if i is not None}

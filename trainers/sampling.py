@@ -1,6 +1,6 @@
 """Preference pairs from a policy: on-policy / hybrid pairs (WPO) and RSO rejection sampling.
 
-Both commands sample completions of each prompt from a local policy (`grpo.sample`: KV-cache
+Both commands sample completions of each prompt from a local policy (`generation.sample`: KV-cache
 `generate`, explicit sampling knobs), score them with a reward, and write JSONL rows
 `{prompt, chosen, rejected, chosen_reward, rejected_reward, ...}` that `train wpo` reads.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import DataConfig, ModelConfig, is_local_path, load_config, require
+from .config import DataConfig, ModelConfig, load_config, require
 from .errors import TrainerConfigError
 
 log = logging.getLogger(__name__)
@@ -222,17 +222,16 @@ class SampleRSOConfig:
 def load_sample_config(cls, path: str | Path, overrides=()):
     """`load_config` plus the paths only sampling has (`output`, `reward.model`), made absolute
     relative to the config file."""
+    from mergekit_rl.hub import local_path
+
     config = load_config(cls, path, overrides)
     base = Path(path).resolve().parent
-
-    def local(value: str | None) -> str | None:
-        if value is None or not is_local_path(value, base):
-            return value
-        return str((base / Path(value).expanduser()).resolve())
-
+    model = config.reward.model
+    model_path = None if model is None else local_path(model, base)
     return dataclasses.replace(
         config, output=str((base / Path(config.output).expanduser()).resolve()),
-        reward=dataclasses.replace(config.reward, model=local(config.reward.model)))
+        reward=dataclasses.replace(config.reward, model=model if model_path is None
+                                   else str(model_path.resolve())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +247,7 @@ class RewardModelScorer:
 
         path = Path(cfg.model)
         if not path.is_dir():
-            raise FileNotFoundError(f"reward.model: {path} is not a local model folder")
+            raise TrainerConfigError(f"reward.model: {path} is not a local model folder")
         self.cfg, self.device, self.torch = cfg, device, torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:
@@ -301,14 +300,9 @@ def make_reward(cfg: RewardConfig, chat: bool, device):
 def score(reward, prompts: list, completions: list[str], columns: dict[str, list]
           ) -> list[float | None]:
     """Call the reward and check what it returns; None marks a candidate it does not score."""
-    values = reward(prompts, completions, **columns)
-    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-        raise TrainerConfigError(f"reward: returned {type(values).__name__} for "
-                                 f"{len(completions)} completions; expected a list of floats")
-    for v in values:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise TrainerConfigError(f"reward: value {v!r} is not a number or None")
-    return [None if v is None or math.isnan(v) else float(v) for v in values]
+    from .rewards import check_rewards
+
+    return check_rewards(reward(prompts, completions, **columns), len(completions), "reward")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +331,7 @@ def _generate_and_score(config, select) -> Path:
 
     from . import runtime
     from .data import load_rows, prompt_value, render_generation_prompt
-    from .grpo import sample
+    from .generation import sample, stop_token_ids
 
     data, gen = config.data, config.generation
     out = Path(config.output)
@@ -356,7 +350,7 @@ def _generate_and_score(config, select) -> Path:
                   for p in prompts]
 
     model = runtime.load_model(config.model, trainable=False).to(device)
-    eos_ids = runtime.stop_token_ids(tokenizer, model)
+    eos_ids = stop_token_ids(tokenizer, model)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     chunk = gen.generation_batch_size or 64

@@ -7,21 +7,21 @@ or as a system message, and a per-class weight; the loss is the weighted token c
 divided by the sum of weights in the global batch (`losses.sft_loss`).
 
     mergekit-rl train sft manifests/train/sft_gsm8k_qwen2.5_1.5b.yaml
-    torchrun --nproc_per_node 2 -m trainers.sft CONFIG.yaml      # data-parallel, same maths
+    torchrun --nproc_per_node 2 -m trainers train sft CONFIG.yaml      # data-parallel, same maths
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require, to_dict
+from . import runtime
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
 from .data import (
     as_messages,
     epoch_order,
@@ -182,125 +182,67 @@ def train_sft(config: SFTConfig, resume: str | None = None) -> Path:
 
     `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
     """
-    from accelerate.utils import set_seed
-
-    from . import runtime
-    from .checkpointing import (
-        StopSignal,
-        load_training_state,
-        resolve_resume,
-        save_checkpoint,
-        save_model,
-    )
     from .logprobs import token_logprobs
-    from .losses import sft_loss
-    from .metrics import MetricsLogger
+    from .losses.policy import sft_loss
+    from .scaffold import Run
 
-    train = config.train
-    out = Path(train.output_dir)
-    resume_dir = resolve_resume(out, resume)
-    accelerator = runtime.make_accelerator(train)
-    runtime.prepare_output_dir(accelerator, train, resume_dir)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    train.accumulation_steps(world)  # validates the batch split before any work
-
-    # Everything that can fail on user input happens before the model loads.
-    tokenizer = runtime.load_tokenizer(config.model)
-    data = config.data
+    train, data = config.train, config.data
+    run = Run(config, "sft", resume)
+    train.accumulation_steps(run.world)  # validates the batch split before any work
     if data.messages_field:
         required = (data.messages_field,)
     elif data.prompt_template:
         required = (data.completion_field,)
     else:
         required = (data.prompt_field, data.completion_field)
-    examples = build_examples(load_rows(data, required), tokenizer, config)
+    examples = build_examples(load_rows(data, required), run.tokenizer, config)
     steps_per_epoch = len(examples) // train.batch_size
     if steps_per_epoch == 0:
         raise TrainerConfigError(f"train.batch_size: {train.batch_size} is more than the "
                                  f"{len(examples)} usable rows")
-    max_steps = runtime.total_steps(train, steps_per_epoch)
+    run.start(runtime.total_steps(train, steps_per_epoch),
+              lambda step: {"epoch": step / steps_per_epoch, "rows_seen": step * train.batch_size})
 
-    model = runtime.load_model(config.model, path=resume_dir)
-    optimizer = runtime.make_optimizer(model, config.optim)
-    scheduler = runtime.make_scheduler(optimizer, config.optim, max_steps)
-    # The scheduler stays outside `prepare`: accelerate would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = {"step": 0}
-    if resume_dir is not None:
-        runtime.warn_config_changes(resume_dir / "trainer_config.yaml", config)
-        state = load_training_state(resume_dir, accelerator, optimizer, scheduler)
-        log.info("resumed from %s at step %d", resume_dir, state["step"])
-    else:
-        set_seed(train.seed, device_specific=True)
-    step = state["step"]
-    last_checkpoint = str(resume_dir) if resume_dir else None
-    logger = MetricsLogger(accelerator, out, "sft", to_dict(config), max_steps, step,
-                           train.progress_bar)
-
-    def checkpoint(metrics: dict) -> str:
-        return str(save_checkpoint(
-            out, accelerator, model, tokenizer, optimizer, scheduler, config,
-            {"step": step, "epoch": step / steps_per_epoch, "rows_seen": step * train.batch_size,
-             "metrics": metrics}, train.max_shard_size, train.save_total_limit))
-
-    per_device = train.batch_size // world
+    pad_id, per_device = run.tokenizer.pad_token_id, train.batch_size // run.world
     orders: dict[int, list[int]] = {}
     metrics: dict = {}
-    with StopSignal() as stop:
-        while step < max_steps:
+    with run.signals():
+        while run.step < run.max_steps:
             t0 = time.perf_counter()
             # This step's global batch is a fixed slice of the epoch order; this process takes
             # its contiguous share, split into micro-batches.
-            epoch, offset = divmod(step, steps_per_epoch)
+            epoch, offset = divmod(run.step, steps_per_epoch)
             if epoch not in orders:
-                orders = {epoch: epoch_order(len(examples), epoch, train.seed, config.data.shuffle)}
+                orders = {epoch: epoch_order(len(examples), epoch, train.seed, data.shuffle)}
             batch = orders[epoch][offset * train.batch_size:(offset + 1) * train.batch_size]
-            mine = [examples[j] for j in batch[rank * per_device:(rank + 1) * per_device]]
-            micro = [collate(mine[k:k + train.micro_batch_size], tokenizer.pad_token_id,
-                             accelerator.device)
+            mine = [examples[j] for j in batch[run.rank * per_device:(run.rank + 1) * per_device]]
+            micro = [collate(mine[k:k + train.micro_batch_size], pad_id, run.device)
                      for k in range(0, per_device, train.micro_batch_size)]
-            local = torch.stack([sum(mb["weights"].sum() for mb in micro),
-                                 torch.tensor(float(sum(int(mb["attention_mask"].sum())
-                                                        for mb in micro)))])
-            total_weight, tokens = runtime.reduce_sum(accelerator, local).tolist()
+            total_weight, tokens = run.reduce_sum(torch.stack([
+                sum(mb["weights"].sum() for mb in micro),
+                sum(mb["attention_mask"].sum() for mb in micro).to(torch.float32)])).tolist()
 
-            loss_sum = torch.zeros((), device=accelerator.device)
+            loss_sum = torch.zeros((), device=run.device)
             for k, mb in enumerate(micro):
-                sync = k == len(micro) - 1  # all-reduce gradients once, after the last piece
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"],
+                with run.accumulate(last=k == len(micro) - 1):
+                    logps = token_logprobs(run.model, mb["input_ids"], mb["attention_mask"],
                                            (mb["weights"] > 0).long())  # [b, T]
-                    # DDP averages gradients over processes; scaling by `world` turns that
-                    # average into the sum, so the result is Σ w·CE / Σ w of the global batch.
+                    # Σ w·CE / Σ w of the global batch (the C-RLFT normaliser)
                     loss = sft_loss(logps, mb["weights"], total_weight)
-                    accelerator.backward(loss * world)
+                    run.backward(loss)
                 loss_sum += loss.detach()
-            loss_value = float(runtime.reduce_sum(accelerator, loss_sum))
-            runtime.check_finite(loss_value, step + 1, "loss", last_checkpoint)
-            grad_norm, lr = runtime.optimizer_step(accelerator, model, optimizer, scheduler,
-                                                   config.optim.max_grad_norm, step + 1,
-                                                   last_checkpoint)
-            step += 1
+            loss_value = float(run.reduce_sum(loss_sum))
+            grad_norm, lr = run.update(loss_value)
 
             seconds = time.perf_counter() - t0
             metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                        "weight_sum": total_weight, "tokens": tokens,
                        "tokens_per_s": tokens / seconds, "step_s": seconds,
-                       "epoch": step / steps_per_epoch}
-            if step % train.log_steps == 0 or step == max_steps:
-                logger.log(step, metrics)
-            logger.advance(step, metrics)
-            last_checkpoint = runtime.save_or_stop(train, step, metrics, checkpoint, stop,
-                                                   accelerator, logger, last_checkpoint)
-    save_model(out, accelerator, model, tokenizer, config,
-               {"step": step, "epoch": step / steps_per_epoch, "metrics": metrics},
-               train.max_shard_size)
-    logger.close()
-    log.info("SFT finished after %d steps; model written to %s", step, out)
-    return out
+                       "epoch": run.step / steps_per_epoch}
+            run.log(metrics)
+            run.checkpoint_or_stop(metrics)
+    return run.finish(metrics)
 
 
-if __name__ == "__main__":  # python -m trainers.sft CONFIG [--set k=v] [--resume [DIR]]
-    from .cli import sft as _command
-
-    _command(prog_name="python -m trainers.sft")
+if __name__ == "__main__":  # the entry point of earlier versions: say where it went
+    raise SystemExit("python -m trainers.sft is now: python -m trainers train sft CONFIG")

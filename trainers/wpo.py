@@ -1,9 +1,9 @@
 """WPO: Weighted Preference Optimization (Zhou et al. 2024, https://arxiv.org/abs/2406.11827).
 
-A pairwise preference trainer for the DPO family (`preference.pair_loss`: sigmoid/cDPO, robust,
-IPO, hinge (RSO/SLiC), CoPG) whose per-pair loss is multiplied by the detached WPO weight
-`w(x,y_w)·w(x,y_l)` (`preference.sequence_weight`), so that off-policy pairs count as much as
-the current policy would have produced them. Weighting works with every loss: the weight
+A pairwise preference trainer for the DPO family (`losses.preference.pair_loss`: sigmoid/cDPO,
+robust, IPO, hinge (RSO/SLiC), CoPG) whose per-pair loss is multiplied by the detached WPO
+weight `w(x,y_w)·w(x,y_l)` (`losses.preference.sequence_weight`), so that off-policy pairs count
+as much as the current policy would have produced them. Weighting works with every loss: the weight
 multiplies a new tensor, never the loss in place.
 
 Rows hold `prompt`, `chosen`, `rejected` (strings or chat messages; a chosen/rejected
@@ -12,7 +12,7 @@ log-probabilities are computed once, before training, and cached in
 `output_dir/ref_logps.pt` (`wpo.precompute_ref`), so it is not kept in memory.
 
     mergekit-rl train wpo manifests/train/wpo_tiny.yaml
-    torchrun --nproc_per_node 2 -m trainers.wpo CONFIG.yaml      # data-parallel, same maths
+    torchrun --nproc_per_node 2 -m trainers train wpo CONFIG.yaml      # data-parallel, same maths
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Literal
 
 import torch
 
-from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require, to_dict
+from . import runtime
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
 from .data import (
     as_messages,
     epoch_order,
@@ -219,7 +220,7 @@ def completion_stats(model, batch: dict, alignment: str | None) -> tuple[torch.T
     float32 softmax is taken a row block at a time. -> [B, T] float32, [B, T] float32 | None
     """
     from .logprobs import ROW_BLOCK, position_ids_from_mask, selective_log_softmax
-    from .preference import alignment_norm
+    from .losses.preference import alignment_norm
 
     ids, attention, completion = batch["input_ids"], batch["attention_mask"], \
         batch["completion_mask"]
@@ -278,8 +279,6 @@ def precompute_reference(config: WPOConfig, examples: list[PairExample], acceler
     fingerprint matches, else computed (each process a slice) and written there."""
     from accelerate.utils import gather
 
-    from . import runtime
-
     cache = Path(config.train.output_dir) / REF_CACHE
     key = _fingerprint(config, examples)
     if cache.is_file():
@@ -313,135 +312,101 @@ def precompute_reference(config: WPOConfig, examples: list[PairExample], acceler
 # ---------------------------------------------------------------------------------------------
 # Training
 
+def pair_losses(run, config: WPOConfig, mb: dict, ref: torch.Tensor, alignment: str | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair losses of a micro-batch (weighted, plus the optional NLL term) and the metric
+    sums [9]: loss share, implicit rewards chosen/rejected, margin, accuracy, WPO weight,
+    policy log-probs chosen/rejected, completion tokens. `ref`: [2, b] reference log-probs."""
+    from .losses import preference
+
+    params, b = config.wpo, ref.shape[1]
+    logps, norms = completion_stats(run.model, mb, alignment)  # [2b, T] x 2
+    mask = mb["completion_mask"]
+    policy = logps.sum(-1).view(2, b)  # [2, b]: chosen, rejected
+    lengths = mask.sum(-1).to(torch.float32).view(2, b)
+    rewards = mb["rewards"].view(2, b)
+    losses = preference.pair_loss(
+        policy[0], policy[1], ref[0], ref[1], loss_type=params.loss_type, beta=params.beta,
+        label_smoothing=params.label_smoothing, chosen_lengths=lengths[0],
+        rejected_lengths=lengths[1], chosen_rewards=rewards[0], rejected_rewards=rewards[1])
+    weight = torch.ones(b, device=run.device)
+    if params.weighting:
+        seq_w = preference.sequence_weight(logps, norms, mask).view(2, b)
+        weight = preference.combine_weights(seq_w[0], seq_w[1], params.weight_clamp)
+        losses = losses * weight  # not in place: hinge's relu keeps its grad
+    if params.sft_weight:
+        losses = losses + params.sft_weight * preference.nll_loss(
+            policy[0], lengths[0] if params.sft_length_normalize else None)
+    loss = losses.sum() / config.train.batch_size  # mean over the global batch
+    chosen_r, rejected_r = preference.implicit_rewards(policy[0], policy[1], ref[0], ref[1],
+                                                       params.beta)
+    sums = torch.stack([
+        loss.detach(), chosen_r.sum(), rejected_r.sum(), (chosen_r - rejected_r).sum(),
+        (chosen_r > rejected_r).float().sum(), weight.sum(), policy[0].detach().sum(),
+        policy[1].detach().sum(), lengths.sum()])
+    return loss, sums
+
+
 def train_wpo(config: WPOConfig, resume: str | None = None) -> Path:
     """Run WPO as configured; return the output folder (final model, tokenizer, config).
 
     `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
     """
-    from accelerate.utils import set_seed
-
-    from . import preference, runtime
-    from .checkpointing import (
-        StopSignal,
-        load_training_state,
-        resolve_resume,
-        save_checkpoint,
-        save_model,
-    )
-    from .metrics import MetricsLogger
+    from .scaffold import Run
 
     train, params = config.train, config.wpo
-    out = Path(train.output_dir)
-    resume_dir = resolve_resume(out, resume)
-    accelerator = runtime.make_accelerator(train)
-    runtime.prepare_output_dir(accelerator, train, resume_dir)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    train.accumulation_steps(world)
+    run = Run(config, "wpo", resume)
+    train.accumulation_steps(run.world)
 
     # Everything that can fail on user input happens before the model loads.
-    tokenizer = runtime.load_tokenizer(config.model)
     rows = load_rows(config.data, (params.chosen_field, params.rejected_field))
-    examples = build_pairs(rows, tokenizer, config)
+    examples = build_pairs(rows, run.tokenizer, config)
     steps_per_epoch = len(examples) // train.batch_size
     if steps_per_epoch == 0:
         raise TrainerConfigError(f"train.batch_size: {train.batch_size} pairs is more than the "
                                  f"{len(examples)} usable pairs")
-    max_steps = runtime.total_steps(train, steps_per_epoch)
-    pad_id = tokenizer.pad_token_id
+    pad_id = run.tokenizer.pad_token_id
 
     ref_cache = ref_model = None
     if not params.reference_free:
         if params.precompute_ref:
-            ref_cache = precompute_reference(config, examples, accelerator, pad_id)
+            ref_cache = precompute_reference(config, examples, run.accelerator, pad_id)
         else:
-            ref_model = runtime.load_model(config.model, trainable=False).to(device)
-    model = runtime.load_model(config.model, path=resume_dir)
-    optimizer = runtime.make_optimizer(model, config.optim)
-    scheduler = runtime.make_scheduler(optimizer, config.optim, max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)  # scheduler: stepped by us
-    state = {"step": 0}
-    if resume_dir is not None:
-        runtime.warn_config_changes(resume_dir / "trainer_config.yaml", config)
-        state = load_training_state(resume_dir, accelerator, optimizer, scheduler)
-        log.info("resumed from %s at step %d", resume_dir, state["step"])
-    else:
-        set_seed(train.seed, device_specific=True)
-    step = state["step"]
-    last_checkpoint = str(resume_dir) if resume_dir else None
-    logger = MetricsLogger(accelerator, out, "wpo", to_dict(config), max_steps, step,
-                           train.progress_bar)
-
-    def checkpoint(metrics: dict) -> str:
-        return str(save_checkpoint(
-            out, accelerator, model, tokenizer, optimizer, scheduler, config,
-            {"step": step, "epoch": step / steps_per_epoch, "pairs_seen": step * train.batch_size,
-             "metrics": metrics}, train.max_shard_size, train.save_total_limit))
+            ref_model = run.load_reference()
+    run.start(runtime.total_steps(train, steps_per_epoch),
+              lambda step: {"epoch": step / steps_per_epoch, "pairs_seen": step * train.batch_size})
 
     alignment = params.weight_alignment if params.weighting else None
-    per_device = train.batch_size // world
+    per_device = train.batch_size // run.world
     orders: dict[int, list[int]] = {}
     metrics: dict = {}
-    with StopSignal() as stop:
-        while step < max_steps:
+    with run.signals():
+        while run.step < run.max_steps:
             t0 = time.perf_counter()
-            epoch, offset = divmod(step, steps_per_epoch)
+            epoch, offset = divmod(run.step, steps_per_epoch)
             if epoch not in orders:
                 orders = {epoch: epoch_order(len(examples), epoch, train.seed, config.data.shuffle)}
             batch = orders[epoch][offset * train.batch_size:(offset + 1) * train.batch_size]
-            mine = batch[rank * per_device:(rank + 1) * per_device]
+            mine = batch[run.rank * per_device:(run.rank + 1) * per_device]
             pieces = [mine[k:k + train.micro_batch_size]
                       for k in range(0, per_device, train.micro_batch_size)]
-
-            # loss, rewards chosen/rejected, margin, accuracy, weight, logps c/r, tokens
-            sums = torch.zeros(9, device=device)
+            sums = torch.zeros(9, device=run.device)
             for k, indices in enumerate(pieces):
-                mb = collate([examples[j] for j in indices], pad_id, device)
-                b = len(indices)
+                mb = collate([examples[j] for j in indices], pad_id, run.device)
                 if params.reference_free:
-                    ref = torch.zeros(2, b, device=device)
+                    ref = torch.zeros(2, len(indices), device=run.device)
                 elif ref_cache is not None:
-                    ref = ref_cache[indices].T.to(device)  # [2, b]
+                    ref = ref_cache[indices].T.to(run.device)  # [2, b]
                 else:
-                    ref = reference_logps(ref_model, examples, indices, pad_id, b, device,
-                                          accelerator.autocast).T.to(device)
-                sync = k == len(pieces) - 1  # all-reduce gradients once, after the last piece
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    logps, norms = completion_stats(model, mb, alignment)  # [2b, T] x 2
-                    mask = mb["completion_mask"]
-                    policy = logps.sum(-1).view(2, b)  # [2, b]: chosen, rejected
-                    lengths = mask.sum(-1).to(torch.float32).view(2, b)
-                    rewards = mb["rewards"].view(2, b)
-                    losses = preference.pair_loss(
-                        policy[0], policy[1], ref[0], ref[1], loss_type=params.loss_type,
-                        beta=params.beta, label_smoothing=params.label_smoothing,
-                        chosen_lengths=lengths[0], rejected_lengths=lengths[1],
-                        chosen_rewards=rewards[0], rejected_rewards=rewards[1])  # [b]
-                    weight = torch.ones(b, device=device)
-                    if params.weighting:
-                        seq_w = preference.sequence_weight(logps, norms, mask).view(2, b)
-                        weight = preference.combine_weights(seq_w[0], seq_w[1],
-                                                            params.weight_clamp)
-                        losses = losses * weight  # not in place: hinge's relu keeps its grad
-                    if params.sft_weight:
-                        losses = losses + params.sft_weight * preference.nll_loss(
-                            policy[0], lengths[0] if params.sft_length_normalize else None)
-                    # Mean over the global batch; `world` undoes DDP's gradient average.
-                    loss = losses.sum() / train.batch_size
-                    accelerator.backward(loss * world)
-                chosen_r, rejected_r = preference.implicit_rewards(policy[0], policy[1], ref[0],
-                                                                   ref[1], params.beta)
-                sums += torch.stack([
-                    loss.detach(), chosen_r.sum(), rejected_r.sum(),
-                    (chosen_r - rejected_r).sum(), (chosen_r > rejected_r).float().sum(),
-                    weight.sum(), policy[0].detach().sum(), policy[1].detach().sum(),
-                    lengths.sum()])
-            sums = runtime.reduce_sum(accelerator, sums).tolist()
+                    ref = reference_logps(ref_model, examples, indices, pad_id, len(indices),
+                                          run.device, run.accelerator.autocast).T.to(run.device)
+                with run.accumulate(last=k == len(pieces) - 1):
+                    loss, piece_sums = pair_losses(run, config, mb, ref, alignment)
+                    run.backward(loss)
+                sums += piece_sums
+            sums = run.reduce_sum(sums).tolist()
             loss_value, n = sums[0], train.batch_size
-            runtime.check_finite(loss_value, step + 1, "loss", last_checkpoint)
-            grad_norm, lr = runtime.optimizer_step(accelerator, model, optimizer, scheduler,
-                                                   config.optim.max_grad_norm, step + 1,
-                                                   last_checkpoint)
-            step += 1
+            grad_norm, lr = run.update(loss_value)
 
             seconds = time.perf_counter() - t0
             metrics = {"loss": loss_value, "rewards/chosen": sums[1] / n,
@@ -450,21 +415,11 @@ def train_wpo(config: WPOConfig, resume: str | None = None) -> Path:
                        "logps/chosen": sums[6] / n, "logps/rejected": sums[7] / n,
                        "lr": lr, "grad_norm": grad_norm, "tokens": sums[8],
                        "tokens_per_s": sums[8] / seconds, "step_s": seconds,
-                       "epoch": step / steps_per_epoch}
-            if step % train.log_steps == 0 or step == max_steps:
-                logger.log(step, metrics)
-            logger.advance(step, metrics)
-            last_checkpoint = runtime.save_or_stop(train, step, metrics, checkpoint, stop,
-                                                   accelerator, logger, last_checkpoint)
-    save_model(out, accelerator, model, tokenizer, config,
-               {"step": step, "epoch": step / steps_per_epoch, "metrics": metrics},
-               train.max_shard_size)
-    logger.close()
-    log.info("WPO finished after %d steps; model written to %s", step, out)
-    return out
+                       "epoch": run.step / steps_per_epoch}
+            run.log(metrics)
+            run.checkpoint_or_stop(metrics)
+    return run.finish(metrics)
 
 
-if __name__ == "__main__":  # python -m trainers.wpo CONFIG [--set k=v] [--resume [DIR]]
-    from .preference_cli import wpo as _command
-
-    _command(prog_name="python -m trainers.wpo")
+if __name__ == "__main__":  # the entry point of earlier versions: say where it went
+    raise SystemExit("python -m trainers.wpo is now: python -m trainers train wpo CONFIG")

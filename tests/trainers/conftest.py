@@ -1,30 +1,18 @@
-"""Fixtures for the trainer tests: one tiny local Qwen2 model, the shipped tiny data, and a
+"""Fixtures for the trainer tests: the shipped tiny configs on the shared tiny model, and a
 helper that loads a shipped config with overrides pointing into `tmp_path` (no Hub access)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from mergekit_rl.tiny import build_model
+# `grpo_rewards` importable by the tests and by `grpo_rewards:...` reward paths in configs
+sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests" / "train"
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tied Qwen2 (hidden 32, 2 layers, vocab 300), like Qwen2.5-1.5B's tying; read-only."""
-    return build_model(tmp_path_factory.mktemp("trainer_model") / "base", hidden_size=32,
-                       intermediate_size=64, num_layers=2, tied=True, seed=0,
-                       tokenizer_dir=tokenizer_dir)
-
-
-@pytest.fixture(autouse=True)
-def _reward_module_importable(monkeypatch):
-    """`grpo_rewards:...` reward paths in configs resolve to tests/trainers/grpo_rewards.py."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
 
 
 @pytest.fixture

@@ -48,6 +48,9 @@ def test_cli_import_is_cheap_and_python_m_works():
     code = "import sys, trainers.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
-    done = subprocess.run([sys.executable, "-m", "trainers.grpo", "--help"], capture_output=True,
-                          text=True)
-    assert done.returncode == 0 and "Usage: python -m trainers.grpo" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "trainers", "train", "grpo", "--help"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "Usage: python -m trainers train grpo" in done.stdout
+    old = subprocess.run([sys.executable, "-m", "trainers.grpo", "--help"], capture_output=True,
+                         text=True)
+    assert old.returncode == 1 and "python -m trainers train grpo" in old.stderr

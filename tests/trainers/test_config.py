@@ -86,7 +86,7 @@ def test_missing_required_field_and_bad_yaml(tmp_path):
         load_config(SFTConfig, write(tmp_path, MINIMAL.replace(", batch_size: 4", "")))
     with pytest.raises(TrainerConfigError, match="invalid YAML"):
         load_config(SFTConfig, write(tmp_path, "model: [unclosed"))
-    with pytest.raises(FileNotFoundError, match="config file not found"):
+    with pytest.raises(TrainerConfigError, match="config file not found"):
         load_config(SFTConfig, tmp_path / "nope.yaml")
 
 

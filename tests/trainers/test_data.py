@@ -34,7 +34,7 @@ def test_jsonl_rows_and_errors(tmp_path):
     path.write_text('{"prompt": "a"}\n{oops\n')
     with pytest.raises(TrainerConfigError, match="line 2 is not JSON"):
         load_rows(cfg, ())
-    with pytest.raises(FileNotFoundError, match="data.path"):
+    with pytest.raises(TrainerConfigError, match="data.path"):
         load_rows(DataConfig(path=str(tmp_path / "missing.jsonl")), ())
 
 

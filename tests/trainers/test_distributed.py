@@ -28,7 +28,8 @@ def test_two_processes_match_one(load, tiny_model, tmp_path):
     one = train_sft(load("sft_tiny.yaml", *overrides, out="one"))
     two = tmp_path / "two"
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone",
-               "--nproc_per_node", "2", "-m", "trainers.sft", str(MANIFESTS / "sft_tiny.yaml"),
+               "--nproc_per_node", "2", "-m", "trainers", "train", "sft",
+               str(MANIFESTS / "sft_tiny.yaml"),
                "-q", "--set", f"model.path={tiny_model}", "--set", f"train.output_dir={two}"]
     for item in overrides:
         command += ["--set", item]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainers.losses import aggregate, group_advantages, grpo_token_loss, kl_k3, sft_loss
+from trainers.losses.policy import aggregate, group_advantages, grpo_token_loss, kl_k3, sft_loss
 
 LOG = math.log
 

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from trainers.preference import (
+from trainers.losses.preference import (
     alignment_norm,
     combine_weights,
     implicit_rewards,

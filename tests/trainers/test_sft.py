@@ -87,7 +87,7 @@ def test_resume_reproduces_the_uninterrupted_run(load, monkeypatch):
 
 
 def test_non_finite_loss_names_the_step(load, monkeypatch):
-    from trainers import losses
+    from trainers.losses import policy as losses
 
     real = losses.sft_loss
     monkeypatch.setattr(losses, "sft_loss", lambda *a: real(*a) * float("nan"))

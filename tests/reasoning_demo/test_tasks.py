@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from trainers import tasks
+from reasoning_demo import tasks
 
 AMOUNT = {  # sentence pattern -> change to the running total
     r"(?:buys|finds) (\d+) more": lambda n: n,

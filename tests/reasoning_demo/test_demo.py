@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from helpers import load_state
 
 from mergekit_rl.cli import main
-from mergekit_rl.demo import GOALS, ROWS, make_recipe
+from reasoning_demo.recipe import make_recipe
+from reasoning_demo.report import GOALS, ROWS
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from trainers import evaluate as ev
-from trainers import tasks
+from reasoning_demo import evaluate as ev
+from reasoning_demo import tasks
+from trainers.generation import stop_token_ids
 
 PROMPTS = ["Ann has 23 pens. She buys 15 more. How many pens does Ann have now?",
            "Sort the words: owl cat sun", "Reverse the words: a b c d e f g h"]
@@ -29,7 +30,7 @@ def argmax_loop(model, tokenizer, prompt: str, steps: int, stops: list[int]) -> 
 
 def test_batched_greedy_equals_an_argmax_loop(tiny_model):
     model, tokenizer = ev.load(tiny_model)
-    stops = ev.end_token_ids(tokenizer, model)
+    stops = sorted(stop_token_ids(tokenizer, model))
     assert tokenizer.convert_tokens_to_ids(tasks.IM_END) in stops
     want = [argmax_loop(model, tokenizer, p, 12, stops) for p in PROMPTS]
     # prompts of different lengths share a left-padded batch; batch_size=2 splits them too

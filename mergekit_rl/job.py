@@ -1,15 +1,12 @@
-"""The vector workflow: extract a task vector, add it to or subtract it from a model.
-
-Each operation resolves its inputs, plans from headers (all mismatches reported before anything
-is written), streams the tensors into an atomic output folder, and finishes with the side files,
-a provenance record and a model card.
+"""One planned job, start to finish: `Options` shared by every weight command, the inputs opened,
+the plan streamed by the engine into an atomic output folder, then the side files, the
+provenance record and the model card. `vectors` (extract / add / subtract) and `merge` use it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from . import engine, hub, ops, provenance
+from . import engine, hub, provenance
 from .checkpoint import DEFAULT_MAX_SHARD, Checkpoint, CheckpointWriter, copy_side_files
 from .errors import ConfigError
-from .output import atomic_folder, check_output
-from .plan import Item, Plan, Selection, parse_dtype, plan_apply, plan_extract
+from .output import atomic_folder
+from .plan import Item, Plan, Selection, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -72,47 +69,6 @@ class Result:
     seconds: float
     device: str
     notes: list[str] = field(default_factory=list)
-
-
-def extract(finetuned: str, base: str, out: str | Path, options: Options = Options(),
-            progress: ProgressFactory | None = None) -> Result:
-    """Write the task vector `finetuned − base` (the reasoning vector: GRPO − SFT)."""
-    out = check_output(Path(out), _local(finetuned, base), options.overwrite)
-    sources = {"finetuned": hub.resolve(finetuned), "base": hub.resolve(base)}
-    with opened(sources) as ckpts:
-        plan = plan_extract(ckpts["finetuned"], ckpts["base"], options.selection,
-                            options.out_dtype, options.allow_vocab_mismatch)
-        return execute(
-            "vector", "finetuned − base", sources, ckpts, plan,
-            lambda item, x, out: ops.task_vector(x["finetuned"], x["base"], out=out),
-            out, options, progress, side_from=sources["finetuned"].path,
-            side_names=("config.json",), tags=["task-vector"],
-            extra={"excluded": plan.excluded})
-
-
-def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
-          options: Options = Options(), progress: ProgressFactory | None = None,
-          subtract: bool = False) -> Result:
-    """Write `target + alpha·vector` (or `target − alpha·vector` with subtract=True)."""
-    if not math.isfinite(alpha):
-        raise ConfigError(f"--alpha {alpha}: must be a finite number")
-    out = check_output(Path(out), _local(target, vector), options.overwrite)
-    sources = {"target": hub.resolve(target), "vector": hub.resolve(vector)}
-    coef = -alpha if subtract else alpha
-    with opened(sources) as ckpts:
-        record = provenance.read_record(sources["vector"].path)
-        plan = plan_apply(ckpts["target"], ckpts["vector"], options.selection, options.out_dtype,
-                          options.allow_vocab_mismatch, frozenset(record.get("excluded", ())))
-        sign = "−" if subtract else "+"
-        return execute(
-            "model", f"target {sign} {alpha:g}·vector", sources, ckpts, plan,
-            lambda item, x, out: ops.apply_vector(x["target"], x["vector"], coef, out=out),
-            out, options, progress, side_from=sources["target"].path, side_names=None,
-            tags=["task-arithmetic", "reasoning-vector"], extra={"alpha": coef})
-
-
-def _local(*specs: str) -> list[Path]:
-    return [Path(s).expanduser() for s in specs if Path(s).expanduser().exists()]
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@
 
 Prompts are rendered with the tokenizer's chat template (the assistant header is added), decoded
 greedily with the KV cache from left-padded batches, and cut at the first end-of-turn token.
-Scoring is `trainers.tasks.is_correct`: the final `#### N` number for word problems, the whole
+Scoring is `tasks.is_correct`: the final `#### N` number for word problems, the whole
 stripped response for instructions.
 """
 
@@ -15,50 +15,21 @@ from pathlib import Path
 
 import torch
 
+from trainers.generation import greedy, stop_token_ids
+
 from . import tasks
-from .data import left_pad
 
 
-def end_token_ids(tokenizer, model) -> list[int]:
-    """The trainers' stop tokens (`runtime.stop_token_ids`) plus `<|im_end|>` when the
-    tokenizer knows it, so a chat model stops at the end of its turn."""
-    from .runtime import stop_token_ids
-
-    ids = stop_token_ids(tokenizer, model)
-    im_end = tokenizer.convert_tokens_to_ids(tasks.IM_END)
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return sorted(ids)
-
-
-@torch.no_grad()
 def greedy_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                      batch_size: int = 256) -> list[str]:
     """The greedy response to each user prompt (text up to, not including, the end token)."""
-    from transformers import GenerationConfig
-
-    stops = end_token_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    # Every knob explicit: unset fields would be filled from the model's generation_config.
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                              repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True,
-                              pad_token_id=pad, eos_token_id=stops, temperature=None,
-                              top_p=None, top_k=None)
+    stops = stop_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    model.eval()
-    device = next(model.parameters()).device
-    responses: list[str] = []
-    for start in range(0, len(encoded), batch_size):
-        ids, mask = left_pad(encoded[start:start + batch_size], pad)
-        width = ids.shape[1]
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             generation_config=config)[:, width:].tolist()
-        for tokens in out:
-            end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-            responses.append(tokenizer.decode(tokens[:end], skip_special_tokens=False))
-    return responses
+    return [tokenizer.decode(tokens, skip_special_tokens=False)
+            for tokens in greedy(model, encoded, max_new_tokens, pad, stops, batch_size)]
 
 
 def load(path: str | Path, device: str = "cpu"):

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import trainers as tokenizer_trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,7 +26,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from .checkpoint import TOKENIZER_FILES, copy_side_files
+from mergekit_rl.checkpoint import TOKENIZER_FILES, copy_side_files
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def build_tokenizer(
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    trainer = tokenizer_trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

@@ -11,7 +11,8 @@ from helpers import load_state, snapshot
 from safetensors.torch import save_file
 
 from mergekit_rl.cli import main
-from mergekit_rl.operations import Options, apply, extract
+from mergekit_rl.job import Options
+from mergekit_rl.vectors import apply, extract
 
 VARIANTS = ["qwen2_tied_fp32", "qwen2_untied_bf16_sharded", "llama_untied_fp32_sharded"]
 
@@ -338,7 +339,7 @@ def test_bad_options(tmp_path, copies):
 
 def test_failure_midway_leaves_nothing(tmp_path, copies, monkeypatch):
     """An error while writing (after some tensors) removes the temporary folder."""
-    from mergekit_rl import ops
+    from mergekit_rl.maths import task_vectors as ops
 
     ft, base = copies
     calls = []

@@ -10,7 +10,7 @@ from helpers import load_state, shard_files, snapshot
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_rl.tiny import IM_END, IM_START, build_model, build_tokenizer, finetune_copy
+from reasoning_demo.tiny import IM_END, IM_START, build_model, build_tokenizer, finetune_copy
 
 VARIANTS = ["qwen2_tied_fp32", "qwen2_untied_bf16_sharded", "llama_untied_fp32_sharded"]
 TEXTS = [

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mergekit_rl.methods import (
+from mergekit_rl.maths.merge_methods import (
     DEFAULT_NORMALIZE,
     DEFAULT_RESCALE,
     METHODS,

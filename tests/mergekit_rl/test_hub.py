@@ -14,7 +14,7 @@ from mergekit_rl import hub as hub_mod
 from mergekit_rl.cli import main
 
 TOKEN = "hf_secret_token_for_tests_123"
-REPO_MANIFESTS = Path(__file__).resolve().parents[1] / "manifests" / "train"
+REPO_MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "train"
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_manifest_push_section(fake, tmp_path, tiny_models):
 def test_trainer_push_to_hub_with_card(fake, tmp_path):
     # A 2-step SFT run pushed at the end: weights, tokenizer and a card with the recipe and the
     # final metrics travel; checkpoints stay local; the token is in no file.
-    from mergekit_rl.tiny import build_model, build_tokenizer
+    from reasoning_demo.tiny import build_model, build_tokenizer
 
     build_tokenizer(tmp_path / "tok")
     start = build_model(tmp_path / "start", hidden_size=32, intermediate_size=64, num_layers=2,
@@ -193,7 +193,7 @@ def test_trainer_push_to_hub_with_card(fake, tmp_path):
 
 
 def test_trainer_push_failure_keeps_the_run(fake, tmp_path, tiny_models, monkeypatch):
-    from mergekit_rl.tiny import build_model, build_tokenizer
+    from reasoning_demo.tiny import build_model, build_tokenizer
 
     build_tokenizer(tmp_path / "tok")
     start = build_model(tmp_path / "start", hidden_size=32, intermediate_size=64, num_layers=2,

@@ -1,0 +1,103 @@
+"""`mergekit-rl demo`: the reasoning-vector experiment in miniature, end to end on a CPU.
+
+Every stage runs through the project's own tools (`stages.PIPELINE`), with configs written to
+`OUT/configs/` so any stage can be rerun by hand (`mergekit-rl train sft OUT/configs/sft.yaml`):
+
+  data       generated word problems (`#### N`) and word-list instructions, train / test splits;
+             `flawed_share` of the worked solutions stop one step short (mixed-quality data)
+  base       a byte-level BPE tokenizer and a tiny Qwen2 pretrained from scratch on both families
+  sft        `train sft` from the base on word problems                    (the SFT donor)
+  grpo       `train grpo` from SFT with the exact-answer reward            (the GRPO donor)
+  instruct   `train sft` from the base on instructions                      (the sibling)
+  vector     `extract grpo sft`, `add instruct v`, `subtract instruct v`, and `merge` of the
+             manifest `instruct + 1.0·(grpo − sft)` (one pass, no vector on disk)
+  pairs      `sample pairs` from SFT (chosen = correct, rejected = wrong)
+  wpo / dpo  `train wpo` from SFT on those pairs, weighting on / off
+  eval       greedy exact match on held-out items; report.json, report.png, the table
+
+Stages are recorded in `OUT/stages.json` with the recipe's fingerprint: a rerun reuses finished
+stages of the same recipe, redoes a stage (and everything after it) whose recipe changed, and
+`fresh` starts again. The numbers are whatever the run measures; the goals in `report.GOALS`
+are checked and reported, never enforced.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from mergekit_rl.errors import ConfigError
+
+from . import report as report_mod
+from . import tasks
+from .recipe import make_recipe
+from .stages import PIPELINE, Context, Stages
+
+EVAL_FROM = {"base": "base", "sft": "sft", "grpo": "grpo", "instruct": "instruct",
+             "instruct+v": "vector", "instruct-v": "vector", "merge": "vector", "wpo": "wpo",
+             "dpo": "dpo"}
+
+
+def open_output(out: Path, fresh: bool) -> Path:
+    """The demo folder, made or reused; a non-empty folder that is not a demo's is refused."""
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / "stages.json").exists():
+        raise ConfigError(f"{out}: exists and is not a demo folder (no stages.json); nothing "
+                          "was touched. Choose a new or empty folder with -o")
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tuple[str, ...] = (),
+             quiet: bool = False) -> Iterator[str]:
+    """Run (or resume) the experiment in `out`, yielding one line per finished stage and the
+    report table at the end."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    recipe = make_recipe(quick, overrides)
+    out = open_output(out, fresh)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(recipe.threads)
+    ctx = Context(out, recipe, quiet)
+    stages = Stages(out, recipe)
+    yield (f"mergekit-rl demo: recipe {recipe.fingerprint()}{' (quick)' if quick else ''} in "
+           f"{out}; torch threads {recipe.threads}")
+    for name, outputs, fn in PIPELINE:
+        yield stages.run(name, outputs, lambda fn=fn: fn(ctx))
+    results: dict[str, dict[str, dict]] = {}
+    yield from evaluate_rows(ctx, stages, results)
+    report = report_mod.build_report(out, recipe, quick, results, stages.seconds)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    png = report_mod.plot_report(report, out / "report.png")
+    yield from report_mod.format_report(report)
+    yield f"report: {out / 'report.json'}" + (f", {png}" if png else
+                                               " (report.png needs matplotlib: pip install "
+                                               "'mergekit-rl[plot]')")
+
+
+def evaluate_rows(ctx: Context, stages: Stages, results: dict) -> Iterator[str]:
+    """Greedy exact match of every report row's model on its held-out task (one stage each)."""
+    from .evaluate import evaluate
+
+    tests = {t: [tasks.Example(**json.loads(line))
+                 for line in (ctx.data / f"{t}_test.jsonl").read_text().splitlines()]
+             for t in ("arithmetic", "instruction")}
+    for name, task in report_mod.ROWS:
+        model_dir = report_mod.MODEL_DIRS[name]
+        file = ctx.out / "eval" / f"{model_dir.split('/')[-1]}.{task}.json"
+
+        def fn(name=name, task=task, file=file, model_dir=model_dir) -> str:
+            result = evaluate(ctx.out / model_dir, tests[task], ctx.recipe.max_new_tokens)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps(result, indent=1))
+            return f"{100 * result['accuracy']:.1f}% of {result['n']}"
+
+        yield stages.run(f"eval {name} {task}", [str(file.relative_to(ctx.out))], fn,
+                         ((EVAL_FROM[name],), ("n_test", "max_new_tokens")))
+        results.setdefault(name, {})[task] = json.loads(file.read_text())

@@ -1,0 +1,109 @@
+"""The demo's report: which rows are evaluated, the goals checked (and never enforced), the
+`report.json` record, the printed table and `report.png`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+from .recipe import Recipe
+
+# (row name, task) pairs evaluated; the instruction task only where the question is asked
+ROWS = (("base", "arithmetic"), ("sft", "arithmetic"), ("grpo", "arithmetic"),
+        ("instruct", "arithmetic"), ("instruct+v", "arithmetic"), ("instruct-v", "arithmetic"),
+        ("merge", "arithmetic"), ("wpo", "arithmetic"), ("dpo", "arithmetic"),
+        ("instruct", "instruction"), ("instruct+v", "instruction"))
+
+# what the recipe aims for (points of accuracy); reported, never enforced
+GOALS = (("grpo beats sft by >= 5 points", "grpo", "sft", 5.0),
+         ("instruct+v beats instruct by >= 5 points", "instruct+v", "instruct", 5.0),
+         ("instruct-v is below instruct", "instruct", "instruct-v", 1e-9),
+         ("wpo >= dpo", "wpo", "dpo", 0.0))
+
+MODEL_DIRS = {"base": "models/base", "sft": "models/sft", "grpo": "models/grpo",
+              "instruct": "models/instruct", "instruct+v": "models/instruct_plus_v",
+              "instruct-v": "models/instruct_minus_v", "merge": "models/merge",
+              "wpo": "models/wpo", "dpo": "models/dpo"}
+
+
+def build_report(out: Path, r: Recipe, quick: bool, results: dict, seconds: dict) -> dict:
+    from mergekit_rl.inspection import inspect_checkpoint
+
+    def acc(name: str, task: str = "arithmetic") -> float:
+        return 100 * results[name][task]["accuracy"]
+
+    vector = inspect_checkpoint(str(out / "vector"))
+
+    def complete(name: str, task: str) -> float | None:
+        share = results[name][task].get("complete")  # word problems only
+        return None if share is None else 100 * share
+
+    rows = [{"model": name, "task": task, "accuracy": acc(name, task),
+             "complete": complete(name, task), "n": results[name][task]["n"],
+             "path": MODEL_DIRS[name]} for name, task in ROWS]
+    goals = [{"goal": text, "difference": acc(a) - acc(b), "met": acc(a) - acc(b) >= need}
+             for text, a, b, need in GOALS]
+    return {"recipe": dataclasses.asdict(r), "fingerprint": r.fingerprint(), "quick": quick,
+            "rows": rows, "goals": goals,
+            "instruction_change": acc("instruct+v", "instruction") - acc("instruct",
+                                                                         "instruction"),
+            "vector": {"l2": vector.total.l2, "sparsity": vector.total.sparsity,
+                       "groups": [g.as_dict() for g in vector.groups]},
+            "seconds": seconds, "total_seconds": sum(seconds.values())}
+
+
+def format_report(report: dict) -> Iterator[str]:
+    n = report["rows"][0]["n"]
+    yield ""
+    yield (f"{'model':<14}{'word problems':>15}{'(complete)':>12}{'instructions':>15}   "
+           f"(greedy exact match, %, n={n})")
+    by_model: dict[str, dict[str, dict]] = {}
+    for row in report["rows"]:
+        by_model.setdefault(row["model"], {})[row["task"]] = row
+
+    def cell(value: float | None, width: int, fmt: str = "{:.1f}") -> str:
+        return f"{'' if value is None else fmt.format(value):>{width}}"
+
+    for model, rows in by_model.items():
+        arith, instr = rows["arithmetic"], rows.get("instruction", {})
+        yield (f"{model:<14}{cell(arith['accuracy'], 15)}"
+               f"{cell(arith.get('complete'), 12, '({:.1f})')}{cell(instr.get('accuracy'), 15)}")
+    yield ""
+    for goal in report["goals"]:
+        yield (f"{'met    ' if goal['met'] else 'NOT met'}  {goal['goal']}: "
+               f"{goal['difference']:+.1f} points")
+    yield (f"instruct+v vs instruct on instructions: {report['instruction_change']:+.1f} points; "
+           f"vector L2 {report['vector']['l2']:.3g}; total {report['total_seconds']:.0f}s")
+
+
+def plot_report(report: dict, path: Path) -> Path | None:
+    """Bar chart of accuracies and the vector's per-layer L2 norms; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5),
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    rows = report["rows"]
+    labels = [row["model"] + ("\n(instr.)" if row["task"] == "instruction" else "")
+              for row in rows]
+    colors = ["tab:blue" if row["task"] == "arithmetic" else "tab:orange" for row in rows]
+    bars = left.bar(range(len(rows)), [row["accuracy"] for row in rows], color=colors)
+    left.bar_label(bars, fmt="%.1f", fontsize=8)
+    left.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
+    left.set_ylabel("exact match (%)")
+    left.set_title("held-out accuracy (blue: word problems, orange: instructions)")
+    groups = report["vector"]["groups"]
+    right.bar(range(len(groups)), [g["l2_norm"] for g in groups], color="tab:green")
+    right.set_xticks(range(len(groups)), [g["group"] for g in groups], rotation=45, ha="right",
+                     fontsize=8)
+    right.set_ylabel("L2 norm")
+    right.set_title("reasoning vector (grpo - sft) per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

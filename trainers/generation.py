@@ -1,0 +1,116 @@
+"""Generation for the trainers and their users: left-padded batches, the stop tokens, and sampled
+completions with KV-cache `generate`.
+
+One function decides where a completion ends (`stop_token_ids`), for GRPO, both samplers and
+evaluation: the tokenizer's eos, the model's generation_config eos (an int or a list), and the
+token that closes an assistant turn in the chat template (`<|im_end|>` for Qwen2.5, whose eos
+is `<|endoftext|>`; `<|eot_id|>` for Llama 3). Without the last, a chat model's completion runs
+on into invented turns, and a reward reads the wrong `####`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import SENTINEL
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists for generation. -> input_ids, attention_mask: LongTensor [b, T]"""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, x in enumerate(seqs):
+        ids[row, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[row, width - len(x):] = 1
+    return ids, mask
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message, if any."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # templates raise many types (role checks, jinja errors): no answer
+        return None
+    if SENTINEL not in text:
+        return None
+    after = tokenizer(text.split(SENTINEL, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return after[0] if after and after[0] in special else None
+
+
+def stop_token_ids(tokenizer, model=None) -> set[int]:
+    """Token ids that end a completion: the tokenizer's eos, the model's generation_config eos
+    and the chat template's end-of-turn token."""
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer),
+           *(extra if isinstance(extra, list) else [extra])}
+    return {i for i in ids if i is not None}
+
+
+def cut_at_stop(tokens: list[int], stops: set[int], keep_stop: bool = True) -> list[int]:
+    """`tokens` up to the first stop token (kept with `keep_stop`, as the loss trains on it)."""
+    end = next((i for i, t in enumerate(tokens) if t in stops), None)
+    if end is None:
+        return tokens
+    return tokens[:end + 1] if keep_stop else tokens[:end]
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], params, pad_id: int, eos_ids: set[int], device
+           ) -> list[list[int]]:
+    """One sampled completion per prompt (repeat prompts for G), cut after the first stop token.
+
+    `params` has temperature, top_p, top_k (0: off), max_completion_length and
+    generation_batch_size (sequences per `generate` call; None: all at once).
+    """
+    from transformers import GenerationConfig
+
+    # Every sampling knob is set explicitly: transformers fills unset (None) fields from the
+    # model's generation_config (Qwen2.5: top_k 20, top_p 0.8, repetition_penalty 1.05), which
+    # would sample from a distribution other than the π the loss assumes.
+    gen = GenerationConfig(
+        do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        min_p=0.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        max_new_tokens=params.max_completion_length, num_beams=1, use_cache=True,
+        pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
+    was_training = model.training
+    model.eval()  # gradient checkpointing would switch the KV cache off in train mode
+    chunk = params.generation_batch_size or len(prompts)
+    completions: list[list[int]] = []
+    for start in range(0, len(prompts), chunk):
+        ids, mask = left_pad(prompts[start:start + chunk], pad_id)
+        width = ids.shape[1]
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             generation_config=gen)[:, width:].tolist()
+        completions += [cut_at_stop(tokens, eos_ids) for tokens in out]
+    model.train(was_training)
+    return completions
+
+
+@torch.no_grad()
+def greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, stops: set[int],
+           batch_size: int = 256) -> list[list[int]]:
+    """The greedy continuation of each prompt, up to (not including) its first stop token."""
+    from transformers import GenerationConfig
+
+    # Every knob explicit: unset fields would be filled from the model's generation_config.
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                              repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True,
+                              pad_token_id=pad_id, eos_token_id=sorted(stops), temperature=None,
+                              top_p=None, top_k=None)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start:start + batch_size], pad_id)
+        width = ids.shape[1]
+        tokens = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                generation_config=config)[:, width:].tolist()
+        out += [cut_at_stop(t, stops, keep_stop=False) for t in tokens]
+    model.train(was_training)
+    return out
