@@ -4,14 +4,19 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+LOG     = $(VENV)/install.log
 
-.PHONY: demo test bench bench-train lint clean
+.PHONY: demo test bench bench-train gpu-smoke lint clean
 
+# One line while it installs; pip's output goes to $(LOG), whose tail is shown if it fails.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip >/dev/null
-	$(BIN)/python -m pip install "$(TORCH)" -e '.[dev,plot]'
-	touch $(STAMP)
+	@echo "installing $(VENV): $(TORCH) (CPU) + mergekit-rl[dev,plot] (a few minutes; log: $(LOG))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@mkdir -p $(VENV)
+	@{ $(BIN)/python -m pip install --upgrade pip && \
+	   $(BIN)/python -m pip install "$(TORCH)" -e '.[dev,plot]'; } > $(LOG) 2>&1 || \
+	  { tail -n 25 $(LOG); echo "install failed; the full log is $(LOG)"; exit 1; }
+	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mergekit-rl demo -o demo_out
@@ -26,7 +31,7 @@ bench-train: $(STAMP)
 	$(BIN)/python benchmarks/trainer_bench.py --threads 1
 
 lint: $(STAMP)
-	$(BIN)/ruff check mergekit_rl trainers tests benchmarks
+	$(BIN)/ruff check mergekit_rl trainers reasoning_demo tests benchmarks
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
