@@ -3,34 +3,44 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
-STAMP   = $(VENV)/.installed
 LOG     = $(VENV)/install.log
+# `make demo` installs what the demo needs; `make test` adds the test references (peft, lm-eval).
+DEMO    = $(VENV)/.installed-demo
+DEV     = $(VENV)/.installed-dev
+comma  := ,
 
 .PHONY: demo test bench bench-train gpu-smoke lint clean
 
 # One line while it installs; pip's output goes to $(LOG), whose tail is shown if it fails.
-$(STAMP): pyproject.toml
-	@echo "installing $(VENV): $(TORCH) (CPU) + mergekit-rl[dev,plot] (a few minutes; log: $(LOG))"
+define install
+	@echo "installing $(VENV): $(TORCH) (CPU) + mergekit-rl[$(1)] (a few minutes; log: $(LOG))"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@mkdir -p $(VENV)
 	@{ $(BIN)/python -m pip install --upgrade pip && \
-	   $(BIN)/python -m pip install "$(TORCH)" -e '.[dev,plot]'; } > $(LOG) 2>&1 || \
+	   $(BIN)/python -m pip install "$(TORCH)" -e '.[$(1)]'; } > $(LOG) 2>&1 || \
 	  { tail -n 25 $(LOG); echo "install failed; the full log is $(LOG)"; exit 1; }
-	@touch $(STAMP)
+endef
 
-demo: $(STAMP)
+$(DEMO): pyproject.toml
+	$(call install,plot)
+	@touch $@
+
+$(DEV): pyproject.toml
+	$(call install,dev$(comma)plot)
+	@touch $(DEMO) $@
+
+demo: $(DEMO)
 	$(BIN)/mergekit-rl demo -o demo_out
 
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python benchmarks/merge_bench.py
 
-bench-train: $(STAMP)
+bench-train: $(DEV)
 	$(BIN)/python benchmarks/trainer_bench.py --threads 1
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check mergekit_rl trainers reasoning_demo tests benchmarks
 
 clean:

@@ -12,7 +12,7 @@ prompts per step (64 completions), β = 0.04 (so both load a reference model), l
 "dapo", group-scaled advantages, rewards exact_answer (1.0) + format (0.1) from
 trainers/rewards.py, temperature 1, no top-k/top-p.
 
-wpo: 256 plain-text preference pairs from trainers/tasks.py word problems (prompt
+wpo: 256 plain-text preference pairs from reasoning_demo/tasks.py word problems (prompt
 "Question: ...\nAnswer:\n", chosen = the worked solution, rejected = the same with a wrong
 final "#### N"; EOS appended by both trainers), 8 pairs (16 sequences) per step, loss sigmoid,
 β = 0.1, lr 1e-4, WPO weighting with sampled alignment and no clamp (`weight_clamp: null`, what
