@@ -42,9 +42,11 @@ def run(root: Path, overrides: list[str], seed: int, quick: bool, verbose: bool)
     return {"seed": seed, "overrides": overrides, "folder": str(out), **report}
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], sign: str = "") -> str:
+    """mean ± sample std [each value], in points."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):+6.1f} ± {sd:4.1f}   [{', '.join(f'{v:+.1f}' for v in values)}]"
+    each = ", ".join(f"{v:{sign}.1f}" for v in values)
+    return f"{statistics.mean(values):{sign}6.1f} ± {sd:4.1f}   [{each}]"
 
 
 def summarise(results: list[dict]) -> list[str]:
@@ -55,7 +57,7 @@ def summarise(results: list[dict]) -> list[str]:
     for i, goal in enumerate(results[0]["goals"]):
         values = [r["goals"][i]["difference"] for r in results]
         met = sum(r["goals"][i]["met"] for r in results)
-        lines.append(f"  {goal['goal']:<42} {spread(values)}  met {met}/{len(results)}")
+        lines.append(f"  {goal['goal']:<42} {spread(values, '+')}  met {met}/{len(results)}")
     totals = [r["total_seconds"] for r in results]
     lines.append(f"  stage time per run: {statistics.mean(totals):.0f}s (max {max(totals):.0f}s)")
     return lines
