@@ -110,7 +110,8 @@ def test_commit_500_then_success(fake, tmp_path, tiny_models):
 def test_missing_repo_and_revision(fake, tmp_path, tiny_models):
     m = tiny_models["qwen2_tied_fp32"]
     r = cli("add", "org/nothing", m["base"], "-o", tmp_path / "o", ok=False)
-    assert r.exit_code == 1 and "org/nothing: repository not found" in r.output
+    assert r.exit_code == 1 and "org/nothing: no local folder" in r.output
+    assert "no Hub repository org/nothing (repository not found" in r.output
     cli("push", m["base"], "org/base")
     r = cli("add", "org/base@nobranch", m["base"], "-o", tmp_path / "o", ok=False)
     assert r.exit_code == 1 and "revision 'nobranch' not found" in r.output
