@@ -286,7 +286,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Manifest:
         item = override_for(e.key, overrides)
         if item is None:
             raise
-        raise ConfigError(f"--set {item}: {e.reason}") from None
+        raise ConfigError(override_message(item, e.key, e.reason)) from None
 
 
 def _command_line_path(key: str, value: Any) -> Any:
@@ -313,6 +313,12 @@ def override_for(key: str, overrides: list[str]) -> str | None:
         if key == target or key.startswith(target + "."):
             return item
     return None
+
+
+def override_message(item: str, key: str, reason: str) -> str:
+    """`--set KEY=VALUE: reason`, naming the field when it lies inside the value that was set."""
+    inner = dotted(key) != item.partition("=")[0]
+    return f"--set {item}: " + (f"{key}: " if inner else "") + reason
 
 
 def apply_override(raw: Any, item: str, source: Path | None = None, resolve=None) -> Any:
