@@ -504,11 +504,18 @@ def quantization(ckpt: Checkpoint) -> str | None:
     None for a plain floating-point checkpoint."""
     cfg = ckpt.config().get("quantization_config")
     if cfg:
-        method = cfg.get("quant_method", "unknown") if isinstance(cfg, dict) else cfg
-        return f"config.json quantization_config (quant_method {method!r})"
-    for name, info in ckpt.tensors.items():
-        if info.dtype in FP8_DTYPES:
-            return f"FP8 tensor {name} ({DTYPE_NAMES[info.dtype]})"
+        if not isinstance(cfg, dict):
+            return "config.json quantization_config"
+        block = cfg.get("weight_block_size")
+        return (f"config.json quantization_config: {cfg.get('quant_method', 'unknown method')}"
+                + (f", weight_block_size {block}" if block else ""))
+    names = ckpt.tensors
+    fp8 = [n for n, i in names.items() if i.dtype in FP8_DTYPES]
+    if fp8:
+        scaled = any(n.endswith("_scale_inv") or n.endswith("_scale") for n in names)
+        return (f"FP8 weights ({DTYPE_NAMES[names[fp8[0]].dtype]}, e.g. {fp8[0]})"
+                + (" with weight_scale_inv scales" if scaled else ""))
+    for name, info in names.items():
         if name.endswith(QUANT_SUFFIXES):
             return f"quantisation tensor {name}"
         if info.dtype in (torch.int8, torch.uint8) and name.endswith(".weight"):

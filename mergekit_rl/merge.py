@@ -223,7 +223,8 @@ def run_merge(m: Manifest, out: Path | None, options: Options = Options(),
             "model", formula(m), sources, ckpts, plan, compute_fn(m, params), out, options,
             progress, side_from=sources["target"].path, side_names=None,
             tags=["merge", m.method.replace("_", "-"), "reasoning-vector"],
-            extra={"method": m.method, "manifest": to_dict(resolved)},
+            extra={"method": m.method, "manifest": to_dict(resolved),
+                   **({"ignored": list(m.notes)} if m.notes else {})},
             whole_tensors=m.method not in ELEMENTWISE,
             finalize=finalize, selection=selection(m, options))
     return result

@@ -120,7 +120,7 @@ class TrainConfig:
     report_to: tuple[str, ...] = ("auto",)  # accelerate trackers; auto: tensorboard if installed
     progress_bar: bool = True
     overwrite_output_dir: bool = False  # start afresh in a folder that holds an earlier run
-    num_threads: int | None = None  # torch intra-op CPU threads (torch.set_num_threads); null: torch's default
+    num_threads: int | None = None  # torch.set_num_threads at start; null: torch default
 
     def __post_init__(self):
         require(bool(self.output_dir), "output_dir", "expected a folder")

@@ -332,7 +332,6 @@ def _generate_and_score(config, select) -> Path:
     from . import runtime
     from .data import load_rows, prompt_value, render_generation_prompt
     from .generation import sample, stop_token_ids
-
     from .scaffold import check_model_path
 
     data, gen = config.data, config.generation
