@@ -103,8 +103,9 @@ def check_input(spec: str, base: str | Path | None = None) -> None:
     local = local_path(spec, base)
     if local is not None:
         if not local.exists():
-            raise HubError(f"{spec}: {local} does not exist; give a local folder or a Hub id "
-                           "like org/name[@revision]")
+            where = "" if str(local) == spec else f" ({local})"
+            raise HubError(f"{spec}: no such file or folder{where}; give a local folder or a "
+                           "Hub id like org/name[@revision]")
         return
     repo_id, revision = split_hub_id(spec)  # type: ignore[misc]
     _hub_call(spec, repo_id, revision, join_local(spec, base).resolve(),

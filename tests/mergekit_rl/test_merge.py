@@ -392,3 +392,17 @@ def test_terms_of_the_wrong_kind_are_refused(tmp_path, tiny_models):
                          "terms": [{"model": str(tmp_path / "vec")}]}, "m2.yaml")
     r = cli("merge", p, "-o", tmp_path / "o", ok=False)
     assert_failed(r, tmp_path / "o", before, "is a task vector, not a model (the t0)")
+
+
+def test_help_texts_say_what_each_command_does():
+    def help_of(name):
+        return " ".join(cli(name, "--help").output.split())
+
+    merge_help = help_of("merge")
+    for method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                   "breadcrumbs_ties", "linear"):
+        assert method in merge_help, method
+    assert "Combined with the manifest's include/exclude" in merge_help
+    assert "the others are left out of the vector" in help_of("extract")
+    assert "the rest come from the target unchanged" in help_of("add")
+    assert "left out of the vector" not in help_of("add")
