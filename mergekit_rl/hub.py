@@ -123,29 +123,28 @@ def _repo_exists(repo_id: str, revision: str | None) -> None:
     HfApi().model_info(repo_id, revision=revision)
 
 
+def _httpx_modules() -> list:
+    """httpx as huggingface_hub 2.x vendors it (`httpx2`), and plain httpx where installed."""
+    modules = []
+    for name in ("httpx2", "httpx"):
+        try:
+            modules.append(__import__(name))
+        except ImportError:
+            continue
+    return modules
+
+
 def network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the Hub could not be reached: huggingface_hub 2.x raises httpx's
     transport errors (not OSErrors) for refused connections, DNS failures and timeouts."""
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for name in ("httpx2", "httpx"):
-        try:
-            module = __import__(name)
-        except ImportError:
-            continue
-        types.append(module.TransportError)
-    return tuple(types)
+    return (ConnectionError, TimeoutError, *(m.TransportError for m in _httpx_modules()))
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
     """The network errors worth retrying: timeouts, dropped or refused connections."""
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for name in ("httpx2", "httpx"):
-        try:
-            module = __import__(name)
-        except ImportError:
-            continue
-        types += [module.TimeoutException, module.NetworkError, module.RemoteProtocolError]
-    return tuple(types)
+    return (ConnectionError, TimeoutError,
+            *(t for m in _httpx_modules()
+              for t in (m.TimeoutException, m.NetworkError, m.RemoteProtocolError)))
 
 
 def lfs_sha256(file: Path) -> str | None:
