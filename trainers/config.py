@@ -164,7 +164,7 @@ def load_config(cls, path: str | Path, overrides: typing.Iterable[str] = ()):
 
     Paths given with `--set` resolve against the working directory, paths in the file against
     the file's folder; an error about a value an override set is reported against the `--set`."""
-    from mergekit_rl.manifest import override_for, override_message, read_yaml
+    from mergekit_rl.overrides import override_for, override_message, read_yaml
 
     path = Path(path)
     overrides = list(overrides)
@@ -205,7 +205,7 @@ def _command_line_path(key: str, value: Any) -> Any:
 def apply_override(raw: Any, item: str, source: Path | None = None) -> Any:
     """`--set grpo.beta=0.04`: the manifest's dotted-path override, as a TrainerConfigError."""
     from mergekit_rl.errors import ConfigError
-    from mergekit_rl.manifest import apply_override as set_value
+    from mergekit_rl.overrides import apply_override as set_value
 
     try:
         return set_value(raw, item, source, resolve=_command_line_path)

@@ -85,7 +85,7 @@ def test_errors_name_the_set_or_the_file_and_field(tmp_path, override, message):
     # ... and the same value written in the file is reported against the file and the field.
     import yaml
 
-    from mergekit_rl.manifest import apply_override
+    from mergekit_rl.overrides import apply_override
 
     raw = apply_override(yaml.safe_load(MINIMAL), override)
     in_file = write(tmp_path, yaml.safe_dump(raw))
