@@ -14,6 +14,7 @@ slower than raw writes on our machines (SPEC §5).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -337,6 +338,16 @@ class CheckpointWriter:
         self._remaining: dict[str, int] = {}
         self._fds: list[int] = []
         meta = {"format": "pt", **(metadata or {})}
+        try:
+            self._open_shards(shards, meta)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.close()
+            raise
+        self.total_size = sum(p[2] for p in self.places.values())
+
+    def _open_shards(self, shards: list, meta: dict) -> None:
+        """Write every shard's header and size its file (sparse until the data arrives)."""
         for i, (file, shard) in enumerate(zip(self.files, shards)):
             header: dict = {"__metadata__": meta}
             offset = 0
@@ -350,14 +361,14 @@ class CheckpointWriter:
             start = 8 + len(raw)
             fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
-            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
-            os.ftruncate(fd, start + offset)
+            with _naming(file):
+                os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+                os.ftruncate(fd, start + offset)
             for name, dtype, shape in shard:
                 begin = header[name]["data_offsets"][0]
                 self.places[name] = (i, start + begin, numel(shape) * dtype_size(dtype), dtype,
                                      shape)
                 self._remaining[name] = numel(shape) * dtype_size(dtype)
-        self.total_size = sum(p[2] for p in self.places.values())
 
     def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
         shard, offset, nbytes, dtype, shape = self.places[name]
@@ -369,8 +380,9 @@ class CheckpointWriter:
         offset += row_start * row_bytes
         view = memoryview(data).cast("B")
         done = 0
-        while done < len(view):
-            done += os.pwrite(self._fds[shard], view[done:], offset + done)
+        with _naming(self.files[shard]):
+            while done < len(view):
+                done += os.pwrite(self._fds[shard], view[done:], offset + done)
         self._remaining[name] -= len(view)
 
     def finish(self) -> None:
@@ -384,9 +396,28 @@ class CheckpointWriter:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        fds, self._fds = self._fds, []
+        error = None
+        for file, fd in zip(self.files, fds):
+            try:
+                with _naming(file):
+                    os.close(fd)
+            except OSError as e:  # close every fd, then report the first failure
+                error = error or e
+        if error is not None:
+            raise error
+
+
+@contextlib.contextmanager
+def _naming(file: Path):
+    """`os.pwrite` & co raise OSErrors without a file name: add it, so a full disk or a failing
+    device is reported against the file (and the output folder) it happened in."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(file)) from None
 
 
 def copy_side_files(src: Path, dst: Path, names: tuple[str, ...] = SIDE_FILES,
@@ -406,3 +437,101 @@ def copy_side_files(src: Path, dst: Path, names: tuple[str, ...] = SIDE_FILES,
                 data[key] = dname
         cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return copied
+
+
+# ---- what a folder is ------------------------------------------------------------------------
+
+FOLDER_KINDS = ("model", "vector", "adapter")
+ADAPTER_CONFIG = "adapter_config.json"
+KIND_KEY = "mergekit_rl"  # our writer's safetensors __metadata__: {"mergekit_rl": kind}
+
+
+def folder_kind(path: str | Path) -> str | None:
+    """"model", "vector" or "adapter" for a checkpoint folder; None when it cannot be told.
+
+    In order: a PEFT `adapter_config.json`; the kind our writer puts in every shard's
+    safetensors `__metadata__`; for folders made elsewhere, a cheap look at a few 1-D norm
+    weights (a model's sit near 1, a task vector's near 0). Reads headers and at most a few
+    KB of data."""
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    try:
+        with Checkpoint.open(path) as ckpt:
+            return checkpoint_kind(ckpt)
+    except CheckpointError:
+        return None
+
+
+def checkpoint_kind(ckpt: Checkpoint) -> str | None:
+    """`folder_kind` for an open checkpoint."""
+    if (ckpt.path / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    for raw in list(ckpt.headers.values())[:1]:
+        meta = json.loads(raw).get("__metadata__") or {}
+        if meta.get(KIND_KEY) in FOLDER_KINDS:
+            return meta[KIND_KEY]
+    return _guess_kind(ckpt)
+
+
+def _guess_kind(ckpt: Checkpoint, samples: int = 4) -> str | None:
+    norms = [i for n, i in ckpt.tensors.items() if len(i.shape) == 1 and i.is_float
+             and "norm" in n.lower() and n.endswith("weight") and i.shape[0] > 0]
+    if not norms:
+        return None
+    values = torch.cat([ckpt.read(i.name).float() for i in norms[:samples]])
+    level = float(values.abs().mean())
+    if level > 0.5:
+        return "model"
+    # Gemma stores RMSNorm weights as w in x·(1 + w): near 0 in a model as in a vector.
+    if level < 0.1 and not str(ckpt.config().get("model_type", "")).startswith("gemma"):
+        return "vector"
+    return None
+
+
+# ---- quantised checkpoints -------------------------------------------------------------------
+
+# Tensor names that only quantised checkpoints have: FP8 scales (DeepSeek-V3, Qwen3 FP8),
+# GPTQ/AWQ packed weights, bitsandbytes states.
+QUANT_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", ".qweight", ".qzeros",
+                  ".scales", ".g_idx", ".absmax", ".quant_map", ".quant_state", ".SCB",
+                  ".weight_format", ".nested_absmax", ".nested_quant_map")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantization(ckpt: Checkpoint) -> str | None:
+    """How a checkpoint is quantised, from its config and headers alone (no tensor data);
+    None for a plain floating-point checkpoint."""
+    cfg = ckpt.config().get("quantization_config")
+    if cfg:
+        if not isinstance(cfg, dict):
+            return "config.json quantization_config"
+        block = cfg.get("weight_block_size")
+        return (f"config.json quantization_config: {cfg.get('quant_method', 'unknown method')}"
+                + (f", weight_block_size {block}" if block else ""))
+    names = ckpt.tensors
+    fp8 = [n for n, i in names.items() if i.dtype in FP8_DTYPES]
+    if fp8:
+        scaled = any(n.endswith("_scale_inv") or n.endswith("_scale") for n in names)
+        return (f"FP8 weights ({DTYPE_NAMES[names[fp8[0]].dtype]}, e.g. {fp8[0]})"
+                + (" with weight_scale_inv scales" if scaled else ""))
+    for name, info in names.items():
+        if name.endswith(QUANT_SUFFIXES):
+            return f"quantisation tensor {name}"
+        if info.dtype in (torch.int8, torch.uint8) and name.endswith(".weight"):
+            # bitsandbytes int8 (I8 + SCB), 4-bit (U8 packed): 8-bit "weights" beside floats
+            return f"8-bit integer weight {name} ({DTYPE_NAMES[info.dtype]})"
+    return None
+
+
+def check_not_quantized(ckpt: Checkpoint) -> None:
+    """Refuse a quantised checkpoint before any tensor data is read: its stored values are not
+    the weights (FP8 needs its scales, GPTQ/AWQ/bitsandbytes pack several weights per value)."""
+    what = quantization(ckpt)
+    if what is None:
+        return
+    raise CheckpointError(
+        f"{ckpt.path}: quantised checkpoint ({what}); mergekit-rl works on floating-point "
+        "weights: use the unquantised (BF16) release, or dequantise it first (FP8: transformers "
+        "from_pretrained(..., quantization_config=FineGrainedFP8Config(dequantize=True)), then "
+        "save_pretrained)")

@@ -58,8 +58,11 @@ def _progress_factory(quiet: bool):
     return factory
 
 
-def common_options(fn, out_required: bool = True):
-    """Options shared by the commands that write a checkpoint."""
+def common_options(fn, out_required: bool = True, makes_vector: bool = False):
+    """Options shared by the commands that write a checkpoint (`makes_vector`: extract, whose
+    mask leaves tensors out of the vector instead of keeping the target's)."""
+    rest = ("the others are left out of the vector (add then keeps the target's)"
+            if makes_vector else "the rest come from the target unchanged")
     opts = [
         click.option("-o", "--out", "out", required=out_required,
                      type=click.Path(path_type=Path),
@@ -69,10 +72,13 @@ def common_options(fn, out_required: bool = True):
                      type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      help="Output dtype: auto = the target's for models, float32 for vectors."),
         click.option("--include", multiple=True, metavar="REGEX",
-                     help="Only tensors whose name matches (repeatable); the rest come from the "
-                          "target unchanged."),
+                     help=f"Only tensors whose name matches (re.search; repeatable); {rest}."
+                     + ("" if makes_vector or out_required else " Combined with the "
+                        "manifest's include/exclude: a tensor is merged when both select it.")),
         click.option("--exclude", multiple=True, metavar="REGEX",
-                     help="Leave tensors whose name matches unchanged (repeatable)."),
+                     help=("Leave tensors whose name matches out of the vector (repeatable)."
+                           if makes_vector else
+                           "Leave tensors whose name matches unchanged (repeatable).")),
         click.option("--device", default="auto", show_default=True,
                      help="auto, cpu, cuda or cuda:N."),
         click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
@@ -132,13 +138,21 @@ def _summary(result, quiet: bool, what: str, push_to: str | None = None,
         click.echo(f"{what}: wrote {result.tensors} tensors ({result.computed} computed), "
                    f"{gb:.3g} GB in {result.seconds:.1f}s on {result.device} → {result.out}")
     if push_to:
-        _push(result.out, push_to, private=private)
+        _push(result.out, push_to, kept=True, private=private)
 
 
-def _push(folder, repo_id, **kw) -> None:
+def _push(folder, repo_id, kept: bool = False, **kw) -> None:
+    """Upload a folder; `kept`: it was just written, so a failure says it is kept locally."""
+    from .errors import HubError
     from .hub import push
 
-    r = push(folder, repo_id, **kw)
+    try:
+        r = push(folder, repo_id, **kw)
+    except HubError as e:
+        if not kept:
+            raise
+        raise HubError(f"{e} (the output is kept in {folder}; push it later with "
+                       f"`mergekit-rl push {folder} {repo_id}`)") from None
     if r.skipped:
         click.echo(f"resumed: {len(r.skipped)} files were already on the Hub")
     click.echo(f"pushed {folder} → {r.pr_url or r.commit_url}")
@@ -158,7 +172,7 @@ def main():
 @main.command()
 @click.argument("finetuned")
 @click.argument("base")
-@common_options
+@functools.partial(common_options, makes_vector=True)
 @errors_to_exit
 def extract(finetuned, base, **kw):
     """Write the task vector FINETUNED − BASE to OUT.
@@ -212,10 +226,11 @@ for _name, _sub, _doc in (
 @errors_to_exit
 def merge(manifest, dry_run, overrides, **kw):
     """Merge as MANIFEST says: our schema or a mergekit config (task_arithmetic, ties,
-    dare_linear, dare_ties, breadcrumbs, linear), in one streaming pass.
+    dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, linear), in one streaming pass.
 
     The paper's recipe `instruct + 1.0·(GRPO − SFT)` is one term `{plus: GRPO, minus: SFT}`:
-    no intermediate vector on disk. See manifests/ for examples.
+    no intermediate vector on disk. Paths in the manifest are relative to its folder; -o and
+    paths given with --set are relative to the working directory. See manifests/ for examples.
     """
     from . import manifest as manifest_mod
     from .merge import dry_run as plan_only
@@ -223,9 +238,11 @@ def merge(manifest, dry_run, overrides, **kw):
 
     _setup_logging(kw["quiet"])
     m = manifest_mod.load(manifest, list(overrides))
+    for note in m.notes:
+        click.echo(f"info: {note}", err=True)
     options = _options(**kw)
     if dry_run:
-        for line in plan_only(m, options):
+        for line in plan_only(m, options, kw["out"]):
             click.echo(line)
         return
     result = run_merge(m, kw["out"], options, _progress_factory(kw["quiet"]))

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import SIDE_FILES
+from .checkpoint import ADAPTER_CONFIG, INDEX_NAME, SIDE_FILES, SINGLE_NAME
 from .errors import HubError
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 LEGACY_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+# Beside the weights and SIDE_FILES: the card (for its license, never copied into outputs), a
+# vector's provenance (its mask says which tensors it lacks on purpose), a PEFT adapter's config.
+EXTRA_FILES = ["README.md", "provenance.json", ADAPTER_CONFIG]
 
 
 @dataclass(frozen=True)
@@ -53,18 +56,22 @@ def split_hub_id(spec: str) -> tuple[str, str | None] | None:
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".safetensors", ".bin", ".yaml", ".yml")
 
 
+def join_local(spec: str | Path, base: str | Path | None = None) -> Path:
+    """`spec` as a local path: `~` expanded first, then a relative path joined to `base` (the
+    folder of the manifest or config that holds it; default: the working directory)."""
+    path = Path(spec).expanduser()
+    return path if path.is_absolute() else Path(base or ".").expanduser() / path
+
+
 def local_path(spec: str, base: str | Path | None = None) -> Path | None:
     """The local path `spec` names, or None when it names a Hub repo (`org/name[@revision]`).
 
-    The one rule for every input of the tool and the trainers: `~` is expanded first; a
-    relative path is joined to `base` (the folder of the manifest or config that holds it;
-    default: the working directory). A spec is local when it is absolute or explicitly relative
-    (`./`, `../`, `~`), when that path exists, when it names a file (`FILE_SUFFIXES`), or when
-    it is not shaped like a Hub id; otherwise it is a Hub id.
+    The one rule for every input of the tool and the trainers (paths as `join_local` makes
+    them). A spec is local when it is absolute or explicitly relative (`./`, `../`, `~`), when
+    that path exists, when it names a file (`FILE_SUFFIXES`), or when it is not shaped like a
+    Hub id; otherwise it is a Hub id.
     """
-    path = Path(spec).expanduser()
-    if not path.is_absolute():
-        path = Path(base or ".").expanduser() / path
+    path = join_local(spec, base)
     explicit = spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")
     if (explicit or path.exists() or Path(spec).suffix in FILE_SUFFIXES
             or split_hub_id(spec) is None):
@@ -79,12 +86,65 @@ def local_inputs(*specs: str) -> list[Path]:
 
 
 def resolve(spec: str, base: str | Path | None = None) -> Source:
-    """A local path (see `local_path`), else a Hub repo id downloaded (only the needed files)."""
+    """A local path (see `local_path`), else a Hub repo id downloaded (only the needed files).
+
+    A Hub id that cannot be had is one HubError that also names the local folder looked for,
+    since `runs/sft` before the run exists is shaped like a Hub id too."""
     local = local_path(spec, base)
     if local is not None:
         return Source(spec, local)
     repo_id, revision = split_hub_id(spec)  # type: ignore[misc]
-    return _download(spec, repo_id, revision)
+    return _download(spec, repo_id, revision, join_local(spec, base).resolve())
+
+
+def check_input(spec: str, base: str | Path | None = None) -> None:
+    """Fail early and in one line when `spec` is neither an existing local path nor a Hub repo
+    that can be reached (or is cached, offline). Downloads nothing."""
+    local = local_path(spec, base)
+    if local is not None:
+        if not local.exists():
+            where = "" if str(local) == spec else f" ({local})"
+            raise HubError(f"{spec}: no such file or folder{where}; give a local folder or a "
+                           "Hub id like org/name[@revision]")
+        return
+    repo_id, revision = split_hub_id(spec)  # type: ignore[misc]
+    _hub_call(spec, repo_id, revision, join_local(spec, base).resolve(),
+              lambda: _repo_exists(repo_id, revision))
+
+
+def _repo_exists(repo_id: str, revision: str | None) -> None:
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub import errors as hf_errors
+
+    if constants.HF_HUB_OFFLINE:
+        if not isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+            raise hf_errors.LocalEntryNotFoundError(f"{repo_id} is not in the cache")
+        return
+    HfApi().model_info(repo_id, revision=revision)
+
+
+def _httpx_modules() -> list:
+    """httpx as huggingface_hub 2.x vendors it (`httpx2`), and plain httpx where installed."""
+    modules = []
+    for name in ("httpx2", "httpx"):
+        try:
+            modules.append(__import__(name))
+        except ImportError:
+            continue
+    return modules
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the Hub could not be reached: huggingface_hub 2.x raises httpx's
+    transport errors (not OSErrors) for refused connections, DNS failures and timeouts."""
+    return (ConnectionError, TimeoutError, *(m.TransportError for m in _httpx_modules()))
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """The network errors worth retrying: timeouts, dropped or refused connections."""
+    return (ConnectionError, TimeoutError,
+            *(t for m in _httpx_modules()
+              for t in (m.TimeoutException, m.NetworkError, m.RemoteProtocolError)))
 
 
 def lfs_sha256(file: Path) -> str | None:
@@ -93,40 +153,91 @@ def lfs_sha256(file: Path) -> str | None:
     return blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
 
 
-def _download(spec: str, repo_id: str, revision: str | None) -> Source:
-    from huggingface_hub import HfApi, constants, snapshot_download
+def _hub_call(spec: str, repo_id: str, revision: str | None, looked: Path, fn):
+    """Run a Hub request for `spec`; its failures become one HubError naming what was looked
+    for locally (`looked`) and why the Hub could not give it."""
     from huggingface_hub import errors as hf_errors
 
+    not_local = f"{spec}: no local folder {looked}, and"
     try:
-        if constants.HF_HUB_OFFLINE:
-            folder = snapshot_download(repo_id, revision=revision,
-                                       allow_patterns=WEIGHT_PATTERNS + list(SIDE_FILES)
-                                       + ["README.md"])
-            return Source(spec, Path(folder), repo_id, revision, Path(folder).name)
-        info = HfApi().model_info(repo_id, revision=revision)
-        names = [s.rfilename for s in info.siblings or []]
-        has_st = any(n.endswith(".safetensors") for n in names)
-        # README.md only for its front matter (license); it is never copied into outputs
-        patterns = (WEIGHT_PATTERNS if has_st else LEGACY_PATTERNS) + list(SIDE_FILES) + [
-            "README.md"]
-        log.info("downloading %s@%s (%s)", repo_id, info.sha, "safetensors" if has_st else "bin")
-        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns)
-        return Source(spec, Path(folder), repo_id, revision, info.sha)
-    except hf_errors.RepositoryNotFoundError:
-        raise HubError(f"{repo_id}: repository not found on the Hub (or private: log in with "
-                       "`hf auth login` or set HF_TOKEN)") from None
-    except hf_errors.RevisionNotFoundError:
-        raise HubError(f"{repo_id}: revision {revision!r} not found; check the branch, tag "
-                       "or commit") from None
+        return fn()
     except hf_errors.GatedRepoError:
         raise HubError(f"{repo_id}: gated repository; accept its terms on the Hub and log "
                        "in") from None
-    except hf_errors.LocalEntryNotFoundError:
-        raise HubError(f"{repo_id}: not in the local cache and HF_HUB_OFFLINE is set (or the "
-                       "Hub is unreachable); unset HF_HUB_OFFLINE or download it first") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise HubError(f"{not_local} no Hub repository {repo_id} (repository not found; if it "
+                       "is private, log in with `hf auth login` or set HF_TOKEN)") from None
+    except hf_errors.RevisionNotFoundError:
+        raise HubError(f"{repo_id}: revision {revision!r} not found; check the branch, tag "
+                       "or commit") from None
+    except hf_errors.LocalEntryNotFoundError as e:
+        cause = "HF_HUB_OFFLINE is set and it is not in the Hub cache" if _offline() else \
+            f"the Hub could not be reached ({_first_line(e)})"
+        raise HubError(f"{not_local} {cause}; check the path, or download {repo_id} "
+                       "first") from None
     except hf_errors.HfHubHTTPError as e:
         raise HubError(f"{repo_id}: Hub request failed ({e.__class__.__name__}: "
-                       f"{str(e).splitlines()[0]})") from None
+                       f"{_first_line(e)})") from None
+    except network_errors() as e:
+        raise HubError(f"{not_local} the Hub could not be reached ({type(e).__name__}: "
+                       f"{_first_line(e)}); check the path, or the network and "
+                       "HF_ENDPOINT") from None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def weight_files(names: list[str], read_index) -> list[str]:
+    """The weight files to fetch from a repo listing `names` (top level only): the index and
+    the shards it names, else model.safetensors, else every top-level *.safetensors; legacy
+    .bin patterns when there is no safetensors. `read_index(name)` returns an index's JSON."""
+    top = [n for n in names if "/" not in n]
+    indexes = [n for n in top if n.endswith(".safetensors.index.json")]
+    index = INDEX_NAME if INDEX_NAME in top else indexes[0] if len(indexes) == 1 else None
+    if index is not None:
+        weight_map = read_index(index).get("weight_map") or {}
+        return [index, *sorted(set(weight_map.values()))]
+    if SINGLE_NAME in top:
+        return [SINGLE_NAME]
+    safetensors = [n for n in top if n.endswith(".safetensors")]
+    return safetensors or LEGACY_PATTERNS
+
+
+def _download(spec: str, repo_id: str, revision: str | None, looked: Path) -> Source:
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    def fetch() -> Source:
+        extra = list(SIDE_FILES) + EXTRA_FILES
+        if _offline():
+            folder = snapshot_download(repo_id, revision=revision,
+                                       allow_patterns=WEIGHT_PATTERNS + extra)
+            return Source(spec, Path(folder), repo_id, revision, Path(folder).name)
+        info = HfApi().model_info(repo_id, revision=revision)
+
+        def read_index(name: str) -> dict:
+            import json
+
+            path = hf_hub_download(repo_id, name, revision=info.sha)
+            try:
+                return json.loads(Path(path).read_text())
+            except ValueError:
+                raise HubError(f"{repo_id}: {name} is not valid JSON; the repository's index "
+                               "is broken") from None
+
+        weights = weight_files([s.rfilename for s in info.siblings or []], read_index)
+        log.info("downloading %s@%s (%d weight files)", repo_id, info.sha, len(weights))
+        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=weights + extra)
+        return Source(spec, Path(folder), repo_id, revision, info.sha)
+
+    return _hub_call(spec, repo_id, revision, looked, fetch)
 
 
 # ---- publishing -------------------------------------------------------------------------------
@@ -168,7 +279,8 @@ def _with_retries(what: str, repo_id: str, fn, delays=None):
                            "(set HF_TOKEN or run `hf auth login`)") from None
         except hf_errors.RevisionNotFoundError:
             raise HubError(f"{repo_id}: revision not found; create the branch first") from None
-        except Exception as e:  # network errors come as several types; sort them by status
+        except (hf_errors.HfHubHTTPError, hf_errors.HFValidationError, OSError,
+                *network_errors()) as e:  # HTTP and network errors: sort them by status
             status = _status(e)
             if status in (401, 403):
                 raise HubError(f"{repo_id}: {what} refused ({status}): check that HF_TOKEN or "
@@ -176,11 +288,10 @@ def _with_retries(what: str, repo_id: str, fn, delays=None):
             if status == 404:
                 raise HubError(f"{repo_id}: not found (404) while trying to {what}") from None
             transient = status in RETRY_STATUSES or (
-                status is None and isinstance(e, (ConnectionError, TimeoutError, OSError))
-                and not isinstance(e, HubError))
+                status is None and isinstance(e, transient_errors()))
             if not transient or attempt == len(delays):
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise HubError(f"{repo_id}: could not {what} ({first})") from None
+                raise HubError(f"{repo_id}: could not {what} ({type(e).__name__}: "
+                               f"{_first_line(e)})") from None
             log.warning("%s: %s failed (%s); retrying in %.0fs", repo_id, what,
                         status or type(e).__name__, delays[attempt])
             time.sleep(delays[attempt])

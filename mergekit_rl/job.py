@@ -15,8 +15,15 @@ from pathlib import Path
 import torch
 
 from . import engine, hub, provenance
-from .checkpoint import DEFAULT_MAX_SHARD, Checkpoint, CheckpointWriter, copy_side_files
-from .errors import ConfigError
+from .checkpoint import (
+    DEFAULT_MAX_SHARD,
+    Checkpoint,
+    CheckpointWriter,
+    check_not_quantized,
+    checkpoint_kind,
+    copy_side_files,
+)
+from .errors import CheckpointError, ConfigError
 from .output import atomic_folder
 from .plan import Item, Plan, Selection, parse_dtype
 
@@ -72,30 +79,60 @@ class Result:
 
 
 @contextlib.contextmanager
-def opened(sources: dict[str, hub.Source]):
+def opened(sources: dict[str, hub.Source], kinds: dict[str, str] | None = None):
+    """Open every input; refuse quantised checkpoints and folders of the wrong kind (`kinds`:
+    role -> "model" or "vector") before any tensor data is read."""
     ckpts: dict[str, Checkpoint] = {}
     try:
         for role, src in sources.items():
             ckpts[role] = Checkpoint.open(src.path)
+            check_not_quantized(ckpts[role])
+            if kinds and role in kinds:
+                check_kind(ckpts[role], src.spec, kinds[role], role)
         yield ckpts
     finally:
         for c in ckpts.values():
             c.close()
 
 
+def check_kind(ckpt: Checkpoint, spec: str, expected: str, role: str) -> None:
+    """Refuse a model where a task vector belongs, a vector where a model is differenced, and
+    a PEFT adapter where a model belongs; folders of unknown kind pass."""
+    kind = checkpoint_kind(ckpt)
+    if kind is None or kind == expected or (expected == "vector" and kind == "adapter"):
+        return
+    if expected == "vector":
+        raise CheckpointError(
+            f"{spec}: is a model, not a task vector (the {role}); make the vector first with "
+            "`mergekit-rl extract FINETUNED BASE -o VECTOR`, or merge with a manifest term "
+            "`{model: ...}` (delta = model − target)")
+    if kind == "adapter":
+        raise CheckpointError(
+            f"{spec}: is a PEFT adapter, not a model (the {role}); merge it into its base model "
+            "first (peft: merge_and_unload(), then save_pretrained)")
+    raise CheckpointError(
+        f"{spec}: is a task vector, not a model (the {role}); give the model it was extracted "
+        "from, or use the vector as such (`mergekit-rl add TARGET VECTOR`, or a manifest term "
+        "`{vector: ...}`)")
+
+
 def execute(kind: str, formula: str, sources: dict[str, hub.Source],
              ckpts: dict[str, Checkpoint], plan: Plan, fn: engine.ComputeFn, out: Path,
              options: Options, progress: ProgressFactory | None, *, side_from: Path,
              side_names: tuple[str, ...] | None, tags: list[str], extra: dict,
-             whole_tensors: bool = False, finalize: Callable[[Path], None] | None = None
-             ) -> Result:
-    """Stream a plan into an atomic output folder, then add side files, provenance and card."""
+             whole_tensors: bool = False, finalize: Callable[[Path], None] | None = None,
+             selection: Selection | None = None) -> Result:
+    """Stream a plan into an atomic output folder, then add side files, provenance and card.
+
+    `selection` is the mask the plan was made with (default: the command line's); provenance
+    records it and the floating-point tensors it left out (`excluded`)."""
+    selection = options.selection if selection is None else selection
     for note in plan.notes:
         log.warning(note)
     device = engine.resolve_device(options.device)
     start = time.perf_counter()
     entries = [(i.name, i.dtype, i.shape) for i in plan.items]
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, sum(i.nbytes for i in plan.items)) as tmp:
         writer = CheckpointWriter(tmp, entries, options.max_shard_size,
                                   metadata={"mergekit_rl": kind})
         try:
@@ -117,8 +154,8 @@ def execute(kind: str, formula: str, sources: dict[str, hub.Source],
             [provenance.input_record(role, sources[role], ckpts[role], options.full_hash)
              for role in sources],
             command=options.command, out_dtype=_dtype_label(plan.items),
-            selection={"include": list(options.include), "exclude": list(options.exclude)},
-            notes=plan.notes, extra=extra)
+            selection=selection.record(), notes=plan.notes,
+            extra={"excluded": plan.excluded, **extra})
         provenance.write_record(tmp, record)
         license = provenance.card_license(sources["target"].path) if "target" in sources \
             else provenance.card_license(sources[next(iter(sources))].path)

@@ -24,15 +24,15 @@ of which the first that matches the tensor name applies.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ConfigError
-from .hub import local_path
+from .hub import join_local, local_path
+from .overrides import apply_override, override_for, override_message, read_yaml
 from .plan import parse_dtype
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
@@ -40,6 +40,25 @@ METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
 MERGEKIT_METHODS = METHODS
 GLOBAL_PARAMS = ("lambda", "normalize", "density", "seed", "gamma", "weight", "rescale")
 TERM_PARAMS = ("weight", "density", "gamma")
+# mergekit parameters that change nothing here: accepted with an info line.
+NO_OP_PARAMS = {
+    "int8_mask": "mergekit keeps the TIES sign mask as int8 to save memory; the result is the "
+                 "same, and mergekit-rl's masks are booleans already",
+}
+# Keys whose values are inputs: a `--set` value resolves against the working directory.
+INPUT_KEYS = ("target", "base", "base_model", "tokenizer_source", "terms.*.vector",
+              "terms.*.plus", "terms.*.minus", "terms.*.model", "models.*.model")
+OUTPUT_KEYS = ("output.path",)
+KEYWORDS = ("target", "base", "union")  # tokenizer_source values that are not paths
+
+
+class FieldConfigError(ConfigError):
+    """A manifest value is wrong; `key` is its dotted path (`terms.0.weight`), `reason` why."""
+
+    def __init__(self, message: str, key: str, reason: str):
+        super().__init__(message)
+        self.key = key
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,7 @@ class Manifest:
     tokenizer_source: str | None = None
     push: dict | None = None
     style: str = "mergekit_rl"   # or "mergekit"
+    notes: tuple[str, ...] = ()  # what was accepted and ignored (info lines)
 
     def term_param(self, term: Term, key: str, name: str, t: float, default: Any) -> Any:
         """Term-level setting, then the global one, then the default (mergekit's order)."""
@@ -115,10 +135,11 @@ class _Checker:
     def __init__(self, source: Path | None):
         self.source = source
         self.folder = source.parent if source else Path.cwd()
+        self.notes: list[str] = []
 
     def fail(self, path: str, msg: str):
         where = f"{self.source}: " if self.source else ""
-        raise ConfigError(f"{where}{path}: {msg}")
+        raise FieldConfigError(f"{where}{path}: {msg}", path, msg)
 
     def mapping(self, value: Any, path: str, allowed: tuple[str, ...],
                 required: tuple[str, ...] = ()) -> dict:
@@ -173,8 +194,15 @@ class _Checker:
 
     def params(self, raw: Any, path: str, allowed: tuple[str, ...]) -> dict:
         out = {}
+        if path == "parameters":  # mergekit's global no-ops
+            allowed = allowed + tuple(NO_OP_PARAMS)
         for key, value in self.mapping(raw or {}, path, allowed).items():
-            if key == "rescale" and value in ("l1", "density"):
+            if key in NO_OP_PARAMS and path == "parameters":
+                self.boolean(value, f"{path}.{key}")
+                where = f"{self.source}: " if self.source else ""
+                self.notes.append(f"{where}{path}.{key}: {value} accepted and ignored "
+                                  f"({NO_OP_PARAMS[key]})")
+            elif key == "rescale" and value in ("l1", "density"):
                 out[key] = value  # DARE: mergekit's L1-preserving factor or the paper's 1/p
             elif key == "normalize" or key == "rescale":
                 out[key] = self.setting(value, f"{path}.{key}", "bool")
@@ -206,50 +234,32 @@ class _Checker:
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Manifest:
-    """Read, override (`key.path=value`) and validate a manifest file."""
+    """Read, override (`key.path=value`) and validate a manifest file. A value given with
+    `--set` that names an input or the output resolves against the working directory (as `-o`
+    does); paths in the file resolve against the file's folder. An error about a value that an
+    override set is reported against that `--set`."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: manifest not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, "manifest")
     for item in overrides:
-        raw = apply_override(raw, item, path)
-    return from_dict(raw, path)
-
-
-def apply_override(raw: Any, item: str, source: Path | None = None) -> Any:
-    """`--set terms.0.weight=0.5`: set a value (parsed as YAML; text that is not YAML stays a
-    string) at a dotted key path of mappings and list indices. Missing or null sections are
-    created. The trainers' `--set` uses this too."""
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {item!r}: expected key.path=value")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
+        raw = apply_override(raw, item, path, resolve=_command_line_path)
     try:
-        value = yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not an index of "
-                                  f"a list of {len(node)} in {source}")
-            part = int(part)
-        elif not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping in {source}")
-        if last:
-            node[part] = value
-        else:
-            if isinstance(node, dict) and node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-    return raw
+        return from_dict(raw, path)
+    except FieldConfigError as e:
+        item = override_for(e.key, overrides)
+        if item is None:
+            raise
+        raise ConfigError(override_message(item, e.key, e.reason)) from None
+
+
+def _command_line_path(key: str, value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        return value
+    if any(fnmatch.fnmatchcase(key, k) for k in OUTPUT_KEYS):
+        return str(join_local(value).resolve())
+    if any(fnmatch.fnmatchcase(key, k) for k in INPUT_KEYS) and value not in KEYWORDS:
+        local = local_path(value)
+        return value if local is None else str(local.resolve())
+    return value
 
 
 def from_dict(raw: Any, source: Path | None = None) -> Manifest:
@@ -276,7 +286,7 @@ def _from_ours(raw: dict, c: _Checker) -> Manifest:
     if "path" in out:
         if not isinstance(out["path"], str):
             c.fail("output.path", "expected a folder path")
-        out_path = (c.folder / Path(out["path"]).expanduser()).resolve()
+        out_path = join_local(out["path"], c.folder).resolve()
     terms = []
     if not isinstance(raw["terms"], list) or not raw["terms"]:
         c.fail("terms", "expected a non-empty list of terms")
@@ -310,7 +320,7 @@ def _from_ours(raw: dict, c: _Checker) -> Manifest:
         exclude=c.regexes(raw.get("exclude", []), "exclude"),
         tokenizer_source=None if tok in (None, "target", "base") else c.model_ref(
             tok, "tokenizer_source"),
-        push=push)
+        push=push, notes=tuple(c.notes))
 
 
 MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -354,12 +364,12 @@ def _from_mergekit(raw: dict, c: _Checker) -> Manifest:
     tok = raw.get("tokenizer_source")
     if tok == "union":
         c.fail("tokenizer_source", "'union' is not supported; use 'base' or a model")
+    params = c.params(raw.get("parameters"), "parameters", GLOBAL_PARAMS)
     return Manifest(
-        source=c.source, target=base_ref, method=method, terms=tuple(terms),
-        params=c.params(raw.get("parameters"), "parameters", GLOBAL_PARAMS),
+        source=c.source, target=base_ref, method=method, terms=tuple(terms), params=params,
         out_dtype=c.dtype(out_dtype, "out_dtype"),
         tokenizer_source=None if tok in (None, "base") else c.model_ref(tok, "tokenizer_source"),
-        style="mergekit")
+        style="mergekit", notes=tuple(c.notes))
 
 
 def to_dict(m: Manifest) -> dict:

@@ -9,6 +9,7 @@ gradients, regex/substring conditions), and the method combines the deltas:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from .plan import Plan, Selection, embed_name, layer_index, plan_combine
 log = logging.getLogger(__name__)
 
 ELEMENTWISE = ("task_arithmetic", "linear")
+ELECTING = ("ties", "dare_ties", "breadcrumbs_ties")  # sign election: per-entry divisors
 
 
 def term_roles(i: int, term: Term) -> tuple[str, ...]:
@@ -112,6 +114,22 @@ def _sources(m: Manifest) -> dict[str, hub.Source]:
     return sources
 
 
+def selection(m: Manifest, options: Options) -> Selection:
+    """The manifest's mask and the command line's together: a tensor is merged only when both
+    select it (as on `add`, the rest is the target's, unchanged)."""
+    return Selection(m.include, m.exclude, str(m.source or "manifest")).narrowed(
+        options.selection)
+
+
+def kinds(m: Manifest) -> dict[str, str]:
+    """What each input must be: a vector term's input a task vector, the rest models."""
+    out = {}
+    for i, term in enumerate(m.terms):
+        for role in term_roles(i, term):
+            out[role] = "vector" if term.kind == "vector" else "model"
+    return out
+
+
 def _plan(m: Manifest, ckpts: dict[str, Checkpoint], options: Options
           ) -> tuple[Plan, dict[str, TensorParams]]:
     excluded = {}
@@ -120,7 +138,7 @@ def _plan(m: Manifest, ckpts: dict[str, Checkpoint], options: Options
             role = term_roles(i, term)[0]
             excluded[role] = frozenset(provenance.read_record(ckpts[role].path).get("excluded", ()))
     inputs = {r: c for r, c in ckpts.items() if r != "target"}
-    plan = plan_combine(ckpts["target"], inputs, Selection(m.include, m.exclude),
+    plan = plan_combine(ckpts["target"], inputs, selection(m, options),
                         options.out_dtype, options.allow_vocab_mismatch, excluded,
                         what=f"cannot merge {m.source or 'manifest'}")
     target = ckpts["target"]
@@ -138,8 +156,28 @@ def _plan(m: Manifest, ckpts: dict[str, Checkpoint], options: Options
                                   "value in (0, 1]")
         if not all(math.isfinite(w) for w in p.weights + (p.lam,)):
             raise ConfigError(f"{m.source}: weights and lambda must be finite ({item.name})")
+        _check_divisor(m, item, p)
         params[item.name] = p
     return plan, params
+
+
+def _check_divisor(m: Manifest, item, p: TensorParams) -> None:
+    """Normalising divides by the sum of the weights of the terms present for this tensor
+    (without sign election; with it, an entry no term agrees on is 0 as in mergekit). A sum
+    of 0 is a mistake in the manifest: mergekit divides anyway (linear: inf/NaN) or silently
+    skips the division (task arithmetic, DARE linear, breadcrumbs)."""
+    if not p.normalize or m.method in ELECTING:
+        return
+    roles = {role for role, _ in item.sources}
+    weights = [p.weights[i] for i, term in enumerate(m.terms)
+               if all(r in roles for r in term_roles(i, term))]
+    total = float(torch.tensor(weights, dtype=torch.float32).sum())  # as the maths sums them
+    if weights and abs(total) < 1e-8:
+        shown = ", ".join(f"{w:g}" for w in weights)
+        raise ConfigError(f"{m.source or 'manifest'}: {m.method} with normalize: true divides "
+                          f"by the sum of the weights, which is {total:g} for {item.name} "
+                          f"(weights {shown}); set parameters.normalize: false or change the "
+                          "weights")
 
 
 def options_for(m: Manifest, base: Options) -> Options:
@@ -154,22 +192,30 @@ def options_for(m: Manifest, base: Options) -> Options:
                    full_hash=base.full_hash, command=base.command)
 
 
-def run_merge(m: Manifest, out: Path | None, options: Options = Options(),
-              progress: ProgressFactory | None = None) -> Result:
+def output_path(m: Manifest, out: Path | None) -> Path:
+    """The folder a merge writes: `-o` (relative to the working directory), else the manifest's
+    output.path (relative to the manifest)."""
     out = out or m.out_path
     if out is None:
         raise ConfigError(f"{m.source}: no output folder; set output.path or pass -o")
+    return Path(out).expanduser().resolve()
+
+
+def run_merge(m: Manifest, out: Path | None, options: Options = Options(),
+              progress: ProgressFactory | None = None) -> Result:
+    out = output_path(m, out)
     options = options_for(m, options)
     local = [Path(s) for s in (m.target, *(x for t in m.terms for x in t.inputs))
              if Path(s).exists()]
-    out = check_output(Path(out), local, options.overwrite)
+    out = check_output(out, local, options.overwrite)
     sources = _sources(m)
-    with opened(sources) as ckpts:
+    resolved = dataclasses.replace(m, out_path=out)  # merge.yaml says where it was written
+    with opened(sources, kinds(m)) as ckpts:
         plan, params = _plan(m, ckpts, options)
         tok_from = hub.resolve(m.tokenizer_source).path if m.tokenizer_source else None
 
         def finalize(tmp: Path) -> None:
-            (tmp / "merge.yaml").write_text(yaml.safe_dump(to_dict(m), sort_keys=False))
+            (tmp / "merge.yaml").write_text(yaml.safe_dump(to_dict(resolved), sort_keys=False))
             if tok_from:  # the tokenizer (not the config) from tokenizer_source
                 copy_side_files(tok_from, tmp, TOKENIZER_FILES)
 
@@ -177,9 +223,10 @@ def run_merge(m: Manifest, out: Path | None, options: Options = Options(),
             "model", formula(m), sources, ckpts, plan, compute_fn(m, params), out, options,
             progress, side_from=sources["target"].path, side_names=None,
             tags=["merge", m.method.replace("_", "-"), "reasoning-vector"],
-            extra={"method": m.method, "manifest": to_dict(m)},
+            extra={"method": m.method, "manifest": to_dict(resolved),
+                   **({"ignored": list(m.notes)} if m.notes else {})},
             whole_tensors=m.method not in ELEMENTWISE,
-            finalize=finalize)
+            finalize=finalize, selection=selection(m, options))
     return result
 
 
@@ -193,13 +240,18 @@ def formula(m: Manifest) -> str:
     return f"target + λ·{m.method}({', '.join(parts)})"
 
 
-def dry_run(m: Manifest, options: Options = Options()) -> Iterator[str]:
-    """Describe the plan: inputs, tensors, bytes, peak memory, what each override touches."""
+def dry_run(m: Manifest, options: Options = Options(), out: Path | None = None
+            ) -> Iterator[str]:
+    """Describe the plan: inputs, output, tensors, bytes, peak memory, what each override
+    touches."""
     options = options_for(m, options)
+    target = out or m.out_path
     sources = _sources(m)
-    with opened(sources) as ckpts:
+    with opened(sources, kinds(m)) as ckpts:
         plan, params = _plan(m, ckpts, options)
         yield f"method: {m.method}   formula: {formula(m)}"
+        yield (f"output: {Path(target).expanduser().resolve()}" + (" (-o)" if out else
+               " (output.path)") if target else "output: none given (set output.path or -o)")
         for role, src in sources.items():
             yield f"  {role:<7} {src.spec}  ({len(ckpts[role].tensors)} tensors, " \
                   f"{ckpts[role].total_bytes / 1e9:.3g} GB)"
@@ -217,9 +269,17 @@ def dry_run(m: Manifest, options: Options = Options()) -> Iterator[str]:
                      and any(c.applies(i.name) for c in setting)]
             yield f"override {label}: {len(names)} tensors" + (
                 f" (e.g. {', '.join(names[:3])})" if names else "")
+        mask = selection(m, options)
+        if not mask.empty:
+            yield (f"mask: {len(plan.excluded)} floating-point tensors left as the target's "
+                   f"({'; '.join(_mask_text(s) for s in mask.masks())})")
         for note in plan.notes:
             yield f"note: {note}"
         yield "dry run: nothing was written"
+
+
+def _mask_text(s: Selection) -> str:
+    return ", ".join(f"{s.flag(k)} {p!r}" for k in ("include", "exclude") for p in getattr(s, k))
 
 
 def _conditions(m: Manifest) -> Iterator[tuple[str, list[Cond]]]:

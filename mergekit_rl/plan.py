@@ -66,23 +66,77 @@ class Plan:
 
 @dataclass(frozen=True)
 class Selection:
-    """The paper's mask m as name regexes: a tensor takes part unless excluded (re.search)."""
+    """The paper's mask m as name regexes: a tensor takes part when it matches an `include`
+    (or there is none) and no `exclude` (re.search), and passes every mask in `within`.
+
+    `source` says where the patterns were written, for errors and provenance: None for the
+    command line (`--include`), else the manifest file (`m.yaml: include`)."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    source: str | None = None
+    within: tuple[Selection, ...] = ()
 
     def __post_init__(self):
-        for flag, patterns in (("--include", self.include), ("--exclude", self.exclude)):
+        for key, patterns in (("include", self.include), ("exclude", self.exclude)):
             for p in patterns:
                 try:
                     re.compile(p)
                 except re.error as e:
-                    raise ConfigError(f"{flag} {p!r}: invalid regular expression ({e})") from None
+                    raise ConfigError(f"{self.flag(key)} {p!r}: invalid regular expression "
+                                      f"({e})") from None
 
-    def selects(self, name: str) -> bool:
+    def flag(self, key: str) -> str:
+        return f"--{key}" if self.source is None else f"{self.source}: {key}"
+
+    @property
+    def empty(self) -> bool:
+        return not (self.include or self.exclude or self.within)
+
+    def masks(self) -> list[Selection]:
+        own = [self] if self.include or self.exclude else []
+        return own + [m for s in self.within for m in s.masks()]
+
+    def _own(self, name: str) -> bool:
         if self.include and not any(re.search(p, name) for p in self.include):
             return False
         return not any(re.search(p, name) for p in self.exclude)
+
+    def selects(self, name: str) -> bool:
+        return self._own(name) and all(s.selects(name) for s in self.within)
+
+    def narrowed(self, other: Selection) -> Selection:
+        """Both masks at once: a tensor takes part only when each of them selects it."""
+        if other.empty:
+            return self
+        if self.empty:
+            return other
+        return Selection(self.include, self.exclude, self.source, (*self.within, other))
+
+    def record(self) -> dict:
+        """What provenance.json says about the mask."""
+        return {"masks": [{"from": "command line" if m.source is None else f"manifest {m.source}",
+                           "include": list(m.include), "exclude": list(m.exclude)}
+                          for m in self.masks()],
+                "rule": "a tensor is changed when every mask selects it (it matches one of the "
+                        "mask's include patterns, or it has none, and none of its excludes)"}
+
+    def check(self, names: list[str], what: str) -> list[str]:
+        """The selected `names`; a MismatchError naming the pattern when an include matches no
+        tensor at all or the mask leaves nothing to change."""
+        for m in self.masks():
+            for p in m.include:
+                if not any(re.search(p, n) for n in names):
+                    raise MismatchError(f"{m.flag('include')} {p!r} matches no tensor of {what} "
+                                        f"(names look like {', '.join(names[:2])}); check the "
+                                        "pattern (a regular expression, searched in the name)")
+        chosen = [n for n in names if self.selects(n)]
+        if names and not chosen:
+            flags = ", ".join(f"{m.flag(k)} {p!r}" for m in self.masks()
+                              for k in ("include", "exclude") for p in getattr(m, k))
+            raise MismatchError(f"{flags}: no tensor of {what} is left to change; the output "
+                                "would be a copy. Check the patterns")
+        return chosen
 
 
 def parse_dtype(text: str) -> torch.dtype | None:
@@ -210,9 +264,9 @@ def plan_extract(finetuned: Checkpoint, base: Checkpoint, selection: Selection,
         items.append(Item(name, shape, dtype, (("finetuned", name), ("base", src)),
                           common_rows=rows))
     problems.raise_if_any()
+    selection.check([n for n, i in finetuned.tensors.items() if i.is_float], str(finetuned.path))
     if not items:
-        raise MismatchError(f"{finetuned.path}: no floating-point tensor is selected; "
-                            "check --include/--exclude")
+        raise MismatchError(f"{finetuned.path}: no floating-point tensor to extract")
     return Plan(items, notes, excluded)
 
 
@@ -295,4 +349,7 @@ def plan_combine(target: Checkpoint, inputs: dict[str, Checkpoint], selection: S
         extra = sorted(set(inputs[role].tensors) - used[role])
         problems.extra += [f"{n} (in {role})" if many else n for n in extra]
     problems.raise_if_any()
-    return Plan(items, list(dict.fromkeys(notes)))
+    float_names = [n for n, i in target.tensors.items() if i.is_float]
+    selection.check(float_names, str(target.path))
+    excluded = [n for n in float_names if not selection.selects(n)]
+    return Plan(items, list(dict.fromkeys(notes)), excluded)

@@ -23,15 +23,14 @@ def extract(finetuned: str, base: str, out: str | Path, options: Options = Optio
     """Write the task vector `finetuned − base` (the reasoning vector: GRPO − SFT)."""
     out = check_output(Path(out), hub.local_inputs(finetuned, base), options.overwrite)
     sources = {"finetuned": hub.resolve(finetuned), "base": hub.resolve(base)}
-    with opened(sources) as ckpts:
+    with opened(sources, {"finetuned": "model", "base": "model"}) as ckpts:
         plan = plan_extract(ckpts["finetuned"], ckpts["base"], options.selection,
                             options.out_dtype, options.allow_vocab_mismatch)
         return execute(
             "vector", "finetuned − base", sources, ckpts, plan,
             lambda item, x, out: task_vectors.task_vector(x["finetuned"], x["base"], out=out),
             out, options, progress, side_from=sources["finetuned"].path,
-            side_names=("config.json",), tags=["task-vector"],
-            extra={"excluded": plan.excluded})
+            side_names=("config.json",), tags=["task-vector"], extra={})
 
 
 def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
@@ -43,7 +42,7 @@ def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
     out = check_output(Path(out), hub.local_inputs(target, vector), options.overwrite)
     sources = {"target": hub.resolve(target), "vector": hub.resolve(vector)}
     coef = -alpha if subtract else alpha
-    with opened(sources) as ckpts:
+    with opened(sources, {"vector": "vector"}) as ckpts:
         record = provenance.read_record(sources["vector"].path)
         plan = plan_apply(ckpts["target"], ckpts["vector"], options.selection, options.out_dtype,
                           options.allow_vocab_mismatch, frozenset(record.get("excluded", ())))

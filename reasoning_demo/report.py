@@ -53,9 +53,15 @@ def build_report(out: Path, r: Recipe, quick: bool, results: dict, seconds: dict
             "seconds": seconds, "total_seconds": sum(seconds.values())}
 
 
+QUICK_NOTE = ("--quick is a smoke test of the pipeline (a few steps on a few examples): its "
+              "accuracies and goals mean nothing; run without --quick for the experiment")
+
+
 def format_report(report: dict) -> Iterator[str]:
     n = report["rows"][0]["n"]
     yield ""
+    if report.get("quick"):
+        yield f"note: {QUICK_NOTE}"
     yield (f"{'model':<14}{'word problems':>15}{'(complete)':>12}{'instructions':>15}   "
            f"(greedy exact match, %, n={n})")
     by_model: dict[str, dict[str, dict]] = {}
@@ -75,6 +81,8 @@ def format_report(report: dict) -> Iterator[str]:
                f"{goal['difference']:+.1f} points")
     yield (f"instruct+v vs instruct on instructions: {report['instruction_change']:+.1f} points; "
            f"vector L2 {report['vector']['l2']:.3g}; total {report['total_seconds']:.0f}s")
+    if report.get("quick"):
+        yield f"note: {QUICK_NOTE}"
 
 
 def plot_report(report: dict, path: Path) -> Path | None:

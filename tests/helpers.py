@@ -59,3 +59,21 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     if weight_map is not None and set(weight_map) != set(state):
         raise ValueError(f"index of {root} and its shards list different tensors")
     return state
+
+
+def assert_failed(result, out: Path, inputs: dict[Path, dict], *needles: str) -> None:
+    """A user mistake: exit 1, one line `Error: ...` holding every needle, no traceback, no
+    output and no temporary or leftover folder beside it, every input byte-identical.
+
+    `inputs` maps each input folder to its `snapshot` taken before the command."""
+    text = result.output
+    assert result.exit_code == 1, text + repr(result.exception)
+    assert text.startswith("Error: ") and text.count("\n") == 1, text
+    assert "Traceback" not in text, text
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in {text!r}"
+    out = Path(out)
+    assert not out.exists(), f"{out} was written"
+    assert not list(out.parent.glob(f".{out.name}.*")), list(out.parent.glob(f".{out.name}.*"))
+    for folder, before in inputs.items():
+        assert snapshot(folder) == before, f"{folder} changed"

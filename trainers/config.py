@@ -120,6 +120,7 @@ class TrainConfig:
     report_to: tuple[str, ...] = ("auto",)  # accelerate trackers; auto: tensorboard if installed
     progress_bar: bool = True
     overwrite_output_dir: bool = False  # start afresh in a folder that holds an earlier run
+    num_threads: int | None = None  # torch.set_num_threads at start; null: torch default
 
     def __post_init__(self):
         require(bool(self.output_dir), "output_dir", "expected a folder")
@@ -132,6 +133,8 @@ class TrainConfig:
         require(self.save_total_limit is None or self.save_total_limit > 0, "save_total_limit",
                 "expected > 0 or null")
         require(self.log_steps > 0, "log_steps", "expected > 0")
+        require(self.num_threads is None or self.num_threads > 0, "num_threads",
+                "expected a positive number or null")
         for name in self.report_to:
             require(name in TRACKERS, "report_to", f"unknown tracker {name!r}; expected some of "
                     f"{', '.join(TRACKERS)}")
@@ -157,62 +160,96 @@ class TrainConfig:
 # Loading
 
 def load_config(cls, path: str | Path, overrides: typing.Iterable[str] = ()):
-    """Read YAML at `path`, apply `--set key.path=value` overrides, validate into `cls`."""
+    """Read YAML at `path`, apply `--set key.path=value` overrides, validate into `cls`.
+
+    Paths given with `--set` resolve against the working directory, paths in the file against
+    the file's folder; an error about a value an override set is reported against the `--set`."""
+    from mergekit_rl.overrides import override_for, override_message, read_yaml
+
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise TrainerConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise TrainerConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    overrides = list(overrides)
+    raw = read_yaml(path, "config file", TrainerConfigError)
     raw = {} if raw is None else raw
     for item in overrides:
         raw = apply_override(raw, item, path)
-    config = from_dict(cls, raw, path)
+    try:
+        config = from_dict(cls, raw, path)
+    except TrainerConfigError as e:
+        item = override_for(e.field, overrides) if getattr(e, "field", None) else None
+        if item is None:
+            raise
+        raise TrainerConfigError(override_message(item, e.field, e.reason)) from None
     return resolve_paths(config, path.parent)
+
+
+# Config keys whose `--set` values are paths: inputs (local folder or Hub id) and outputs.
+INPUT_KEYS = ("model.path", "model.tokenizer", "data.path", "reward.model")
+OUTPUT_KEYS = ("train.output_dir", "output")
+
+
+def _command_line_path(key: str, value: Any) -> Any:
+    """A path given with `--set` is relative to the working directory, like any command-line
+    path (the file's paths are relative to the file)."""
+    from mergekit_rl.hub import join_local, local_path
+
+    if not isinstance(value, str) or not value:
+        return value
+    if key in OUTPUT_KEYS:
+        return str(join_local(value).resolve())
+    if key in INPUT_KEYS:
+        local = local_path(value)
+        return value if local is None else str(local.resolve())
+    return value
 
 
 def apply_override(raw: Any, item: str, source: Path | None = None) -> Any:
     """`--set grpo.beta=0.04`: the manifest's dotted-path override, as a TrainerConfigError."""
     from mergekit_rl.errors import ConfigError
-    from mergekit_rl.manifest import apply_override as set_value
+    from mergekit_rl.overrides import apply_override as set_value
 
     try:
-        return set_value(raw, item, source)
+        return set_value(raw, item, source, resolve=_command_line_path)
     except ConfigError as e:
         raise TrainerConfigError(str(e)) from None
 
 
+def _error(source, field: str, reason: str) -> TrainerConfigError:
+    """The error for one field: the message names the file; `field`/`reason` let `load_config`
+    report it against the `--set` that set the value."""
+    where = f"{source}: " if source else ""
+    error = TrainerConfigError(f"{where}{field}: {reason}")
+    error.field, error.reason = field, reason
+    return error
+
+
 def from_dict(cls, raw: Any, source: Path | str | None = None, prefix: str = ""):
     """Build dataclass `cls` from plain data, checking names and types; errors name the field."""
-    where = f"{source}: " if source else ""
     if not isinstance(raw, dict):
-        raise TrainerConfigError(f"{where}{prefix.rstrip('.') or 'config'}: expected a mapping, "
-                                 f"got {type(raw).__name__}")
+        raise _error(source, prefix.rstrip(".") or "config",
+                     f"expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(fields)}"
-            raise TrainerConfigError(f"{where}{prefix}{key}: unknown field{hint}")
+            raise _error(source, f"{prefix}{key}", f"unknown field{hint}")
     values = {}
     for name, f in fields.items():
         if name in raw:
             values[name] = _convert(raw[name], hints[name], f"{prefix}{name}", source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            where = f"{source}: " if source else ""
             raise TrainerConfigError(f"{where}{prefix}{name}: required field is missing")
     try:
         return cls(**values)
     except FieldError as e:
-        raise TrainerConfigError(f"{where}{prefix}{e.field}: {e.reason}") from None
+        raise _error(source, f"{prefix}{e.field}", e.reason) from None
 
 
 def _convert(value: Any, hint: Any, field: str, source) -> Any:
-    where = f"{source}: " if source else ""
-
     def fail(expected: str):
-        raise TrainerConfigError(f"{where}{field}: expected {expected}, got {value!r}")
+        raise _error(source, field, f"expected {expected}, got {value!r}")
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
@@ -306,7 +343,7 @@ def resolve_paths(config, base: Path):
     """Make local `model.path`, `model.tokenizer`, `data.path`, `train.output_dir` absolute,
     relative to `base` (the config's folder); Hub ids stay as they are (`hub.local_path` is the
     one rule for telling them apart)."""
-    from mergekit_rl.hub import local_path
+    from mergekit_rl.hub import join_local, local_path
 
     base = Path(base).resolve()
 
@@ -321,6 +358,6 @@ def resolve_paths(config, base: Path):
     if hasattr(config, "data"):
         changes["data"] = dataclasses.replace(config.data, path=local(config.data.path))
     if hasattr(config, "train"):
-        out = str((base / Path(config.train.output_dir).expanduser()).resolve())
+        out = str(join_local(config.train.output_dir, base).resolve())
         changes["train"] = dataclasses.replace(config.train, output_dir=out)
     return dataclasses.replace(config, **changes)

@@ -332,10 +332,12 @@ def _generate_and_score(config, select) -> Path:
     from . import runtime
     from .data import load_rows, prompt_value, render_generation_prompt
     from .generation import sample, stop_token_ids
+    from .scaffold import check_model_path
 
     data, gen = config.data, config.generation
     out = Path(config.output)
     _check_output(out, config.overwrite)
+    check_model_path(config.model.path, "model.path")
     hybrid = getattr(config, "pairs", None) is not None and config.pairs.mode == "hybrid"
     extra = config.pairs.off_policy_fields if hybrid else ()
     rows = load_rows(data, (() if data.prompt_template else (data.prompt_field,)) + extra)

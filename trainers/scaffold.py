@@ -60,6 +60,8 @@ class Run:
         self.out = Path(self.train.output_dir)
         self.resume_dir = resolve_resume(self.out, resume)
         check_model_path(config.model.path, "model.path")
+        if self.train.num_threads is not None:  # before any model exists: same maths by hand
+            torch.set_num_threads(self.train.num_threads)
         self.accelerator = runtime.make_accelerator(self.train)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -213,14 +215,16 @@ class Run:
 
 
 def check_model_path(spec: str, field: str) -> None:
-    """A local model folder must exist before anything loads (a missing one would otherwise be
-    taken for a Hub id and fail late with a message about repo ids)."""
-    from mergekit_rl.hub import local_path
+    """A model must be there before anything loads: a missing local folder (even one shaped
+    like org/name, such as runs/sft) or an unreachable Hub repo is one line naming both, instead
+    of a late message about repo ids or minutes of retries."""
+    from mergekit_rl.errors import HubError
+    from mergekit_rl.hub import check_input
 
-    path = local_path(spec)
-    if path is not None and not path.exists():
-        raise TrainerConfigError(f"{field}: {path} does not exist; give a model folder or a Hub "
-                                 "id like org/name")
+    try:
+        check_input(spec)
+    except HubError as e:
+        raise TrainerConfigError(f"{field}: {e}") from None
 
 
 def warn_config_changes(saved: Path, config) -> None:

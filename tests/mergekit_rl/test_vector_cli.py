@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import load_state, snapshot
+from helpers import assert_failed, load_state, snapshot
 from safetensors.torch import save_file
 
 from mergekit_rl.cli import main
@@ -101,7 +101,7 @@ def test_full_hash_records_sha256(tmp_path, tiny_models):
 
 def test_tied_target_changes_shared_matrix_once(tmp_path, tiny_models):
     """Vector from an untied pair (has lm_head) onto a tied target: the embedding delta only."""
-    un, tied = tiny_models["qwen2_untied_bf16_sharded"], tiny_models["qwen2_tied_fp32"]
+    tied = tiny_models["qwen2_tied_fp32"]
     # Make an untied fp32 vector whose names match the tied model's shapes.
     t = load_state(tied["base"])
     g = torch.Generator().manual_seed(5)
@@ -112,10 +112,9 @@ def test_tied_target_changes_shared_matrix_once(tmp_path, tiny_models):
     r = cli("add", tied["base"], tmp_path / "vec", "-o", tmp_path / "out")
     assert "ties lm_head.weight to the embeddings" in r.output
     out = load_state(tmp_path / "out")
-    assert "lm_head.weight" not in out
-    emb = "model.embed_tokens.weight"
-    assert torch.equal(out[emb], t[emb] + vec[emb])
-    assert un  # fixture used for symmetry with the next test
+    assert out.keys() == t.keys() and "lm_head.weight" not in out
+    for k in t:  # every tensor gets its own delta once; the vector's lm_head is not used
+        assert torch.equal(out[k], t[k] + vec[k]), k
 
 
 def test_untied_target_vector_from_tied_pair(tmp_path, tiny_models):
@@ -364,3 +363,59 @@ def test_stale_temporary_from_killed_run_is_cleaned(tmp_path, tiny_models):
     stale.mkdir()
     cli("extract", m["grpo"], m["sft"], "-o", tmp_path / "out", "-q")
     assert not stale.exists() and (tmp_path / "out").is_dir()
+
+
+def test_a_model_where_the_vector_belongs_is_refused(tmp_path, copies):
+    ft, base = copies
+    before = {ft: snapshot(ft), base: snapshot(base)}
+    for command in ("add", "subtract"):
+        r = cli(command, base, ft, "-o", tmp_path / "out", ok=False)
+        assert_failed(r, tmp_path / "out", before, f"{ft}: is a model, not a task vector",
+                      "mergekit-rl extract FINETUNED BASE -o VECTOR", "{model: ...}")
+
+
+def test_a_vector_where_a_model_is_differenced_is_refused(tmp_path, copies):
+    ft, base = copies
+    cli("extract", ft, base, "-o", tmp_path / "vec", "-q")
+    vec = tmp_path / "vec"
+    before = {ft: snapshot(ft), vec: snapshot(vec)}
+    r = cli("extract", vec, ft, "-o", tmp_path / "out", ok=False)
+    assert_failed(r, tmp_path / "out", before, f"{vec}: is a task vector, not a model "
+                  "(the finetuned)")
+
+
+@pytest.mark.parametrize("command", ["add", "subtract"])
+def test_mask_matching_nothing_is_an_error(tmp_path, copies, command):
+    ft, base = copies
+    cli("extract", ft, base, "-o", tmp_path / "vec", "-q")
+    vec = tmp_path / "vec"
+    before = {base: snapshot(base), vec: snapshot(vec)}
+    out = tmp_path / "out"
+    r = cli(command, base, vec, "-o", out, "--include", "self_atn", ok=False)
+    assert_failed(r, out, before, "--include 'self_atn' matches no tensor of", str(base))
+    r = cli(command, base, vec, "-o", out, "--include", "layers", "--include", "nope", ok=False)
+    assert_failed(r, out, before, "--include 'nope' matches no tensor")
+    r = cli(command, base, vec, "-o", out, "--exclude", ".", ok=False)
+    assert_failed(r, out, before, "--exclude '.': no tensor of", "is left to change")
+    r = cli(command, base, vec, "-o", out, "--include", "mlp", "--exclude", "layers", ok=False)
+    assert_failed(r, out, before, "--include 'mlp', --exclude 'layers': no tensor")
+
+
+def test_extract_mask_matching_nothing_is_an_error(tmp_path, copies):
+    ft, base = copies
+    before = {ft: snapshot(ft), base: snapshot(base)}
+    r = cli("extract", ft, base, "-o", tmp_path / "out", "--include", "lm_haed", ok=False)
+    assert_failed(r, tmp_path / "out", before, "--include 'lm_haed' matches no tensor")
+
+
+def test_provenance_says_what_the_mask_did(tmp_path, copies):
+    ft, base = copies
+    cli("extract", ft, base, "-o", tmp_path / "vec", "-q")
+    cli("add", base, tmp_path / "vec", "-o", tmp_path / "out", "-q", "--exclude", "mlp")
+    rec = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert rec["selection"]["masks"] == [{"from": "command line", "include": [],
+                                          "exclude": ["mlp"]}]
+    out, target, v = (load_state(p) for p in (tmp_path / "out", base, tmp_path / "vec"))
+    unchanged = sorted(k for k in target if torch.equal(out[k], target[k]))
+    assert sorted(rec["excluded"]) == sorted(k for k in target if "mlp" in k) == unchanged
+    assert all(torch.equal(out[k], target[k] + v[k]) for k in target if "mlp" not in k)

@@ -117,3 +117,33 @@ def test_a_trainer_config_error_is_one_line(tmp_path):
     assert result.exit_code == 1, result.output
     assert "demo stage sft" in result.output and "batch_size" in result.output
     assert "Traceback" not in result.output
+
+
+def test_quick_report_says_it_is_a_smoke_test(quick_run):
+    _, output = quick_run
+    assert output.count("smoke test of the pipeline") == 2  # above and below the table
+    assert "its accuracies and goals mean nothing" in output
+
+
+def test_a_stage_rerun_by_hand_reproduces_the_demos_weights(quick_run, tmp_path):
+    # The README's hand rerun, `mergekit-rl train sft OUT/configs/sft.yaml`, in a process whose
+    # torch uses another thread count than the demo's. The config carries the demo's
+    # train.num_threads. (At --quick sizes torch gives the same bits on 1 or 2 threads, so
+    # what this checks is that the written config reproduces the stage; that the threads are
+    # applied is tests/trainers/test_cli.py::test_num_threads_is_applied_before_the_model.)
+    out, _ = quick_run
+    config = out / "configs" / "sft.yaml"
+    import yaml
+
+    assert yaml.safe_load(config.read_text())["train"]["num_threads"] == \
+        make_recipe(quick=True).threads
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = CliRunner().invoke(main, ["train", "sft", str(config), "-q", "--set",
+                                           f"train.output_dir={tmp_path / 'sft'}"])
+    finally:
+        torch.set_num_threads(previous)
+    assert result.exit_code == 0, result.output
+    again, demo = load_state(tmp_path / "sft"), load_state(out / "models" / "sft")
+    assert again.keys() == demo.keys() and all(torch.equal(again[k], demo[k]) for k in demo)

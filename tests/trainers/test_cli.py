@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
-from trainers.cli import train
+from trainers.cli import sample, train
+from trainers.errors import TrainerConfigError
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "train"
 
@@ -27,7 +29,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
     config = MANIFESTS / "grpo_tiny.yaml"
     result = invoke("grpo", str(config), "--set", "train.batch_size=12")
     assert result.exit_code == 1
-    assert result.output.startswith(f"Error: {config}: train.batch_size: 12 completions")
+    # the value came from --set, so the message names the --set, not the file
+    assert result.output.startswith("Error: --set train.batch_size=12: 12 completions")
     assert "Traceback" not in result.output and result.output.count("\n") == 1
     missing = invoke("sft", str(tmp_path / "nope.yaml"))
     assert missing.exit_code == 1 and "config file not found" in missing.output
@@ -54,3 +57,42 @@ def test_cli_import_is_cheap_and_python_m_works():
     old = subprocess.run([sys.executable, "-m", "trainers.grpo", "--help"], capture_output=True,
                          text=True)
     assert old.returncode == 1 and "python -m trainers train grpo" in old.stderr
+
+
+def test_help_examples_work_on_the_shipped_configs():
+    import re
+
+    from trainers import registry
+
+    configs = {"sft": "sft_tiny.yaml", "grpo": "grpo_tiny.yaml", "wpo": "wpo_tiny.yaml",
+               "pairs": "sample_pairs_tiny.yaml", "rso": "sample_rso_tiny.yaml"}
+    groups = {"sft": train, "grpo": train, "wpo": train, "pairs": sample, "rso": sample}
+    for kind, name in configs.items():
+        text = CliRunner().invoke(groups[kind], [kind, "--help"]).output
+        examples = re.findall(r"--set\s+([a-z][\w.]*=\S+?)\s", " ".join(text.split()) + " ")
+        assert examples, text
+        for example in examples:
+            registry.load(kind, MANIFESTS / name, [example])  # raises if the example is wrong
+    assert "WPO" in invoke("--help").output
+    assert "WPO" in CliRunner().invoke(sample, ["--help"]).output
+
+
+def test_num_threads_is_applied_before_the_model(tiny_model, tmp_path):
+    import torch
+
+    from trainers.config import load_config
+    from trainers.scaffold import Run
+    from trainers.sft import SFTConfig
+
+    previous = torch.get_num_threads()
+    config = load_config(SFTConfig, MANIFESTS / "sft_tiny.yaml", [
+        f"model.path={tiny_model}", f"train.output_dir={tmp_path / 'run'}",
+        "train.num_threads=1"])
+    try:
+        torch.set_num_threads(2)
+        Run(config, "sft")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(TrainerConfigError, match="num_threads=0: expected a positive number"):
+        load_config(SFTConfig, MANIFESTS / "sft_tiny.yaml", ["train.num_threads=0"])

@@ -73,12 +73,44 @@ def test_paths_relative_to_config_and_overrides(tmp_path):
     ("train.report_to=[tensorbord]", "train.report_to: unknown tracker 'tensorbord'"),
     ("data.chat=yes please", "data.chat: expected true or false"),
 ])
-def test_errors_name_file_and_field(tmp_path, override, message):
+def test_errors_name_the_set_or_the_file_and_field(tmp_path, override, message):
+    # A value given with --set is reported against that --set (the file is not at fault) ...
     path = write(tmp_path, MINIMAL)
     with pytest.raises(TrainerConfigError) as e:
         load_config(SFTConfig, path, [override])
-    assert str(e.value).startswith(f"{path}: ")
-    assert message in str(e.value)
+    field, _, reason = message.partition(": ")
+    key = override.partition("=")[0]
+    named = "" if field == key else f"{field}: "  # a field inside the mapping that was set
+    assert str(e.value).startswith(f"--set {override}: {named}{reason}")
+    # ... and the same value written in the file is reported against the file and the field.
+    import yaml
+
+    from mergekit_rl.overrides import apply_override
+
+    raw = apply_override(yaml.safe_load(MINIMAL), override)
+    in_file = write(tmp_path, yaml.safe_dump(raw))
+    with pytest.raises(TrainerConfigError) as e:
+        load_config(SFTConfig, in_file)
+    assert str(e.value).startswith(f"{in_file}: {field}: {reason}")
+
+
+def test_set_numbers_are_yaml_1_2_and_set_paths_are_relative_to_cwd(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = load_config(SFTConfig, write(tmp_path, MINIMAL + "optim: {lr: 1e-6}\n"),
+                         ["optim.weight_decay=1e-1", "model.path=./here",
+                          "train.output_dir=runs/x"])
+    assert config.optim.lr == 1e-6 and config.optim.weight_decay == 0.1
+    assert config.model.path == str(tmp_path / "elsewhere" / "here")
+    assert config.train.output_dir == str(tmp_path / "elsewhere" / "runs" / "x")
+    assert config.data.path == str(tmp_path / "d.jsonl")  # the file's paths: the file's folder
+
+
+def test_yaml_errors_give_the_line(tmp_path):
+    path = write(tmp_path, MINIMAL + "optim:\n  lr: 1\n   betas: x\n")
+    with pytest.raises(TrainerConfigError) as e:
+        load_config(SFTConfig, path)
+    assert str(e.value).startswith(f"{path}:7:") and "invalid YAML" in str(e.value)
 
 
 def test_missing_required_field_and_bad_yaml(tmp_path):
@@ -116,11 +148,11 @@ def test_grpo_batch_rule_says_what_to_change(tmp_path):
 
 def test_grpo_checks(tmp_path):
     path = write(tmp_path, GRPO)
-    for override, message in [("grpo.num_generations=1", "grpo.num_generations: expected >= 2"),
-                              ("grpo.loss_type=ppo", "grpo.loss_type: expected one of grpo"),
-                              ("grpo.rewards=[]", "grpo.rewards: expected at least one")]:
+    for override, message in [("grpo.num_generations=1", "num_generations=1: expected >= 2"),
+                              ("grpo.loss_type=ppo", "loss_type=ppo: expected one of grpo"),
+                              ("grpo.rewards=[]", r"rewards=\[\]: expected at least one")]:
         with pytest.raises(TrainerConfigError, match=message):
             load_config(GRPOConfig, path, ["train.batch_size=16", override])
-    with pytest.raises(TrainerConfigError, match="train.save_steps: expected a multiple of"):
+    with pytest.raises(TrainerConfigError, match="save_steps=3: expected a multiple of"):
         load_config(GRPOConfig, path, ["train.batch_size=16", "grpo.num_iterations=2",
                                        "train.save_steps=3"])

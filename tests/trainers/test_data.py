@@ -39,12 +39,20 @@ def test_jsonl_rows_and_errors(tmp_path):
 
 
 def test_parquet_rows(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
+    # pyarrow is in the dev extra: this test runs (no importorskip)
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"prompt": ["x"], "completion": ["y"]}), tmp_path / "d.parquet")
-    assert load_rows(DataConfig(path=str(tmp_path / "d.parquet")), ("prompt",)) == \
-        [{"prompt": "x", "completion": "y"}]
+    messages = [[{"role": "user", "content": "2+2?"}], [{"role": "user", "content": "3+3?"}]]
+    pq.write_table(pa.table({"prompt": ["x", "z"], "completion": ["y", "w"],
+                             "messages": messages}), tmp_path / "d.parquet")
+    rows = load_rows(DataConfig(path=str(tmp_path / "d.parquet")), ("prompt",))
+    assert rows == [{"prompt": "x", "completion": "y", "messages": messages[0]},
+                    {"prompt": "z", "completion": "w", "messages": messages[1]}]
+    assert load_rows(DataConfig(path=str(tmp_path / "d.parquet"), max_examples=1),
+                     ("prompt",)) == rows[:1]
+    with pytest.raises(TrainerConfigError, match="row 0 has no field 'answer'"):
+        load_rows(DataConfig(path=str(tmp_path / "d.parquet")), ("answer",))
 
 
 def test_split_conversation_masks_prompt_and_headers(tokenizer):

@@ -60,20 +60,77 @@ def test_steps_change_parameters_and_move_the_margin(wpo, tiny_model):
     assert abs(rows[0]["rewards/margins"]) < 1e-5
     assert rows[2]["rewards/margins"] > 0 and rows[2]["rewards/accuracies"] > 0.5
     assert rows[2]["loss"] < rows[0]["loss"]
-    assert 0 < rows[0]["wpo_weight"] <= 1  # clamped at 1 by default
+    loss, weight = reference_step(wpo("train.max_steps=3", "train.log_steps=1"))
+    assert rows[0]["loss"] == pytest.approx(loss, rel=1e-4)  # weights clamped at 1 by default
+    assert rows[0]["wpo_weight"] == pytest.approx(weight, rel=1e-4)
     before = load_file(tiny_model / "model.safetensors")
     after = load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert (out / "README.md").read_text().count("wpo") > 0
 
 
-@pytest.mark.parametrize("loss_type", ["hinge", "ipo", "copg", "robust"])
-def test_weighting_trains_with_every_loss(wpo, loss_type):
-    out = train_wpo(wpo("train.max_steps=2", f"wpo.loss_type={loss_type}",
-                        "wpo.weighting=true", "wpo.label_smoothing=0.1"
-                        if loss_type == "robust" else "wpo.label_smoothing=0"))
-    rows = read_metrics(out)
-    assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+def reference_step(config) -> tuple[float, float]:
+    """The first step's loss and mean WPO weight, recomputed independently: each sequence alone
+    (no padding), float64, the weight and the loss written out from the papers. At step 1 the
+    policy is the reference, so every log-ratio is 0 and each pair's loss is a constant c:
+    -log σ(0) = ln 2 (sigmoid and robust), max(0, 1 − 0) = 1 (hinge), (0 − 1/(2β))² (IPO)."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainers.data import load_rows
+    from trainers.wpo import build_pairs
+
+    params = config.wpo
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    examples = build_pairs(load_rows(config.data, ("chosen", "rejected")), tokenizer, config)
+    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float64).eval()
+    weights = []
+    for e in examples:
+        w = 1.0
+        for ids, mask in ((e.chosen, e.chosen_mask), (e.rejected, e.rejected_mask)):
+            seq = torch.tensor([e.prompt + ids])
+            with torch.no_grad():
+                logp = model(seq).logits[0, :-1].log_softmax(-1)  # row t predicts token t + 1
+            rows = torch.arange(len(e.prompt) - 1, seq.shape[1] - 1)
+            token = logp[rows, seq[0, rows + 1]]
+            # WPO eq. 2: sampled alignment divides by Σ_v π(v)², greedy by max_v π(v)
+            norm = (torch.logsumexp(2 * logp[rows], -1) if params.weight_alignment == "sampled"
+                    else logp[rows].max(-1).values)
+            m = torch.tensor(mask, dtype=torch.float64)
+            w *= float(torch.exp(((token - norm) * m).sum() / m.sum()))
+        weights.append(w if params.weight_clamp is None else min(w, params.weight_clamp))
+    if not params.weighting:
+        weights = [1.0] * len(weights)
+    c = {"sigmoid": math.log(2), "robust": math.log(2), "hinge": 1.0,
+         "ipo": (1 / (2 * params.beta)) ** 2}[params.loss_type]
+    mean_w = sum(weights) / len(weights)
+    return c * mean_w, mean_w
+
+
+@pytest.mark.parametrize("overrides", [
+    ("wpo.loss_type=sigmoid", "wpo.weight_clamp=null"),
+    ("wpo.loss_type=hinge", "wpo.weight_alignment=greedy", "wpo.weight_clamp=0.45"),
+    ("wpo.loss_type=ipo", "wpo.weight_alignment=greedy", "wpo.weight_clamp=null"),
+    ("wpo.loss_type=robust", "wpo.label_smoothing=0.1", "wpo.weight_clamp=null"),
+    ("wpo.loss_type=sigmoid", "wpo.weighting=false"),
+], ids=["sigmoid", "hinge-greedy-clamped", "ipo-greedy", "robust", "unweighted"])
+def test_first_step_loss_and_weight_match_a_recomputation(wpo, overrides):
+    config = wpo("train.max_steps=1", *overrides)
+    loss, weight = reference_step(config)
+    row = read_metrics(train_wpo(config))[0]
+    assert row["loss"] == pytest.approx(loss, rel=1e-4)
+    assert row["wpo_weight"] == pytest.approx(weight, rel=1e-4)
+    assert abs(row["rewards/margins"]) < 1e-5
+
+
+def test_copg_starts_at_zero_and_moves_towards_the_reward(wpo):
+    # CoPG at Δ = 0 is exactly 0 whatever the weights; its gradient, −(R_w − R_l)·∇Δ, raises
+    # the margin of the pair with the higher reward (chosen_reward 1 > rejected_reward 0).
+    rows = read_metrics(train_wpo(wpo("train.max_steps=3", "wpo.loss_type=copg",
+                                      "wpo.weighting=true")))
+    assert rows[0]["loss"] == 0.0
+    assert rows[2]["rewards/margins"] > 0 and rows[2]["loss"] < 0
 
 
 def test_resume_reproduces_the_uninterrupted_run(wpo, monkeypatch):
