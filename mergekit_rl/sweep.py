@@ -33,20 +33,21 @@ log = logging.getLogger(__name__)
 SWEEP_NAME, PLOT_NAME = "sweep.json", "sweep.png"
 
 
-def parse_alphas(text: str) -> tuple[float, ...]:
-    """'-1,-0.5,0,0.5,1' → (-1.0, -0.5, 0.0, 0.5, 1.0); errors name --alphas and the item."""
+def parse_alphas(text: str, flag: str = "--alphas", example: str = "--alphas -1,-0.5,0,0.5,1"
+                 ) -> tuple[float, ...]:
+    """'-1,-0.5,0,0.5,1' → (-1.0, -0.5, 0.0, 0.5, 1.0); errors name `flag` and the item."""
     alphas: list[float] = []
     for part in text.split(","):
         part = part.strip()
         try:
             value = float(part)
         except ValueError:
-            raise ConfigError(f"--alphas {text!r}: {part!r} is not a number; expected numbers "
-                              "separated by commas, e.g. --alphas -1,-0.5,0,0.5,1") from None
+            raise ConfigError(f"{flag} {text!r}: {part!r} is not a number; expected numbers "
+                              f"separated by commas, e.g. {example}") from None
         if not math.isfinite(value):
-            raise ConfigError(f"--alphas {text!r}: {part} is not finite")
+            raise ConfigError(f"{flag} {text!r}: {part} is not finite")
         if value in alphas:
-            raise ConfigError(f"--alphas {text!r}: {part} appears twice")
+            raise ConfigError(f"{flag} {text!r}: {part} appears twice")
         alphas.append(value)
     return tuple(alphas)
 
@@ -102,9 +103,10 @@ def run_sweep(target: str, vector: str, out: str | Path, alphas: tuple[float, ..
     out = check_output(Path(out), inputs, options.overwrite)
     best_dir = None
     if save_best is not None:
-        best_dir = check_output(Path(save_best), inputs + [out], options.overwrite)
-        if best_dir == out:
-            raise ConfigError(f"--save-best {best_dir}: must differ from -o {out}")
+        best_dir = check_output(Path(save_best), inputs, options.overwrite)
+        if best_dir == out or out in best_dir.parents or best_dir in out.parents:
+            raise ConfigError(f"--save-best {best_dir} overlaps -o {out}; give two separate "
+                              "folders")
     _require_matplotlib()
     lm_eval_version = evaluation.require_lm_eval()
     tasks = evaluation.load_tasks(eval_options)
