@@ -220,8 +220,7 @@ def main() -> None:
     if large:
         w = json.loads((args.work / "weights_large.json").read_text())
         print(f"weights only on the 0.47 GB bf16 model: set_alpha {w['set_alpha_s']:.2f} s, "
-              f"add to disk + from_pretrained {w['add_and_load_s']:.2f} s per alpha "
-              f"(that process's peak RSS {large[1]:.0f} MB)")
+              f"add to disk + from_pretrained {w['add_and_load_s']:.2f} s per alpha")
     print(f"exact_match per alpha: sweep {swept}")
     same = swept == shell == script
     print(f"same numbers in all three arms: {'yes' if same else 'NO'}"

@@ -70,8 +70,10 @@ class EvalOptions:
         if self.limit is not None and not self.limit > 0:
             raise ConfigError(f"--limit {self.limit}: must be positive (a count, or a fraction "
                               "below 1)")
-        if isinstance(self.batch_size, str) and not self.batch_size.startswith("auto"):
-            raise ConfigError(f"--batch-size {self.batch_size!r}: expected a number or auto")
+        if (isinstance(self.batch_size, str) and not self.batch_size.startswith("auto")) or (
+                isinstance(self.batch_size, int) and self.batch_size < 1):
+            raise ConfigError(f"--batch-size {self.batch_size!r}: expected a positive number or "
+                              "auto")
         for p in self.include_path:
             if not Path(p).is_dir():
                 raise ConfigError(f"--include-path {p}: not a folder; give the folder that "

@@ -26,26 +26,32 @@ def word_answers(word_model) -> list[str]:
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1, also for modules imported before the test,
-    with the datasets cache in tmp_path; one torch thread; no lm-eval environment report."""
+def datasets_offline(monkeypatch, tmp_path):
+    """HF_DATASETS_OFFLINE=1 (also for modules imported before the test), the datasets cache in
+    tmp_path, one torch thread, no lm-eval environment report."""
     import datasets.config
-    import huggingface_hub.constants
+    import lm_eval.evaluator
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
     # lm-eval's environment report (torch's collect_env: 2 s of subprocesses per evaluation)
-    import lm_eval.evaluator
-
     monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: a second thread only waits on a busy machine
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline(monkeypatch, datasets_offline):
+    """`datasets_offline` plus HF_HUB_OFFLINE=1: no Hub, no network."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    yield
 
 
 @pytest.fixture

@@ -149,6 +149,19 @@ def test_push_eval_puts_results_on_the_uploaded_card_only(fake, tmp_path, tiny_m
     assert snapshot(tmp_path / "merged") == before  # the local folder is unchanged
 
 
+def test_eval_of_a_hub_id(fake, word_model, half_right, datasets_offline, tmp_path):
+    tasks, right = half_right
+    shutil.copytree(word_model, tmp_path / "model")
+    cli("push", tmp_path / "model", "org/word-model")
+    r = cli("eval", "org/word-model", "--tasks", "tiny_word_problems", "--include-path", tasks,
+            "-o", tmp_path / "out", "-q")
+    assert "|tiny_word_problems|" in r.output
+    rec = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert rec["results"][0]["value"] == right / len(QUESTIONS)
+    assert rec["model"] == "org/word-model" and rec["source"]["repo_id"] == "org/word-model"
+    assert len(rec["source"]["commit"]) == 40
+
+
 # ---- bad input: one line, nothing written, inputs unchanged, no model loaded
 
 def test_unknown_task(word_model, tmp_path, no_builtin_tasks, no_model_load, offline):
