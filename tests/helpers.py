@@ -59,3 +59,25 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     if weight_map is not None and set(weight_map) != set(state):
         raise ValueError(f"index of {root} and its shards list different tensors")
     return state
+
+
+def cli(*args, ok: bool = True):
+    """Run `mergekit-rl ARGS...` in-process; with `ok`, assert it exited 0."""
+    from click.testing import CliRunner
+
+    from mergekit_rl.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def one_line_error(result, *words: str) -> str:
+    """Assert a user mistake's outcome: exit 1, one line, no traceback, naming every word."""
+    assert result.exit_code == 1, result.output + repr(result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]

@@ -74,3 +74,14 @@ def no_builtin_tasks(monkeypatch):
         return real(*args, include_defaults=False, **kwargs)
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", manager)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail loudly (a traceback, not exit 1) if a bad-input case gets as far as loading."""
+    from mergekit_rl import evaluation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(evaluation, "load_model", refuse)

@@ -11,42 +11,18 @@ import sys
 from importlib import metadata
 
 import pytest
-from click.testing import CliRunner
-from helpers import snapshot
+from helpers import cli, one_line_error, snapshot
 from hub_server import FakeHub, configure_hf_client, front_matter
 from word_task import QUESTIONS, write_task
 
-from mergekit_rl import evaluation
 from mergekit_rl import hub as hub_mod
-from mergekit_rl.cli import main
 
 TOKEN = "hf_secret_token_for_tests_123"
 
 
-def cli(*args, ok=True):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert r.exit_code == 0, r.output + repr(r.exception)
-    return r
 
 
-def one_line_error(r, *words):
-    assert r.exit_code == 1, r.output + repr(r.exception)
-    assert "Traceback" not in r.output
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1, r.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail loudly (a traceback, not exit 1) if a bad-input case gets as far as loading."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(evaluation, "load_model", refuse)
 
 
 def test_eval_scores_the_models_own_greedy_answers(word_model, half_right, offline, tmp_path):

@@ -9,12 +9,9 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
-from helpers import load_state, snapshot
+from helpers import cli, load_state, one_line_error, snapshot
 from word_task import QUESTIONS, write_task
 
-from mergekit_rl import evaluation
-from mergekit_rl.cli import main
 from mergekit_rl.inmemory import VectorInMemory, sweep
 from mergekit_rl.job import Options
 from mergekit_rl.vectors import apply
@@ -23,11 +20,6 @@ from reasoning_demo.tiny import build_model, finetune_copy
 VARIANTS = ["qwen2_tied_fp32", "qwen2_untied_bf16_sharded", "llama_untied_fp32_sharded"]
 
 
-def cli(*args, ok=True):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert r.exit_code == 0, r.output + repr(r.exception)
-    return r
 
 
 def in_memory_states(target, vector, alphas, options=Options()):
@@ -127,9 +119,7 @@ def word_vector(word_model, tmp_path_factory):
     """A vector that fits the word model: a noisy sibling minus the model."""
     root = tmp_path_factory.mktemp("word_vector")
     sibling = finetune_copy(word_model, root / "sibling", seed=5, scale=0.05)
-    r = CliRunner().invoke(main, ["extract", str(sibling), str(word_model), "-o",
-                                  str(root / "vec"), "-q"])
-    assert r.exit_code == 0, r.output
+    cli("extract", sibling, word_model, "-o", root / "vec", "-q")
     return root / "vec"
 
 
@@ -160,21 +150,6 @@ def test_sweep_command(word_model, word_vector, half_right, offline, tmp_path):
 
 
 # ---- bad input: one line, before any model loads, nothing written
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(evaluation, "load_model", refuse)
-
-
-def one_line_error(r, *words):
-    assert r.exit_code == 1, r.output + repr(r.exception)
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def test_alphas_that_do_not_parse(word_model, word_vector, tmp_path, no_model_load):
