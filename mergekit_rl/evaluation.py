@@ -29,7 +29,6 @@ from .errors import ConfigError, DependencyError, HubError
 log = logging.getLogger(__name__)
 
 EVAL_NAME = "eval.json"
-LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 INSTALL = "pip install 'mergekit-rl[eval]'"
 
 

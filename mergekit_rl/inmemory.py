@@ -8,12 +8,14 @@ output bit for bit, and no checkpoint is written. The target's own tensors are r
 TARGET for every α (from the page cache after the first), so no second copy of the model is
 held; `restore` copies them back, which gives the model loaded from TARGET exactly again.
 
-The vector is read through two things only: `tensors` (names, dense shapes and dtypes, for the
-plan) and `read(name, rows)`, "the dense delta of tensor NAME" (rows r0:r1 of it, any float
-dtype). A dense vector's `Checkpoint` provides both. A low-rank vector plugs in as a reader with
-the same two members that returns `B[r0:r1] @ A · scale` for adapter tensors and the dense side
-file for the rest: once `job.opened` returns it for an adapter folder, `add` and the sweep both
-apply it, through this module and `vectors.plan_vector` unchanged.
+The vector is read only through what a `Checkpoint` offers the planner and the engine: `path`,
+`tensors` (names with dense shapes and dtypes; `name in vector`), `read(name, rows, pin)` — "the
+dense delta of tensor NAME", rows r0:r1 of it in any float dtype — and `close()`. A low-rank
+vector plugs in as a reader with those members that returns `B[r0:r1] @ A · scale` for adapter
+tensors and the dense side file for the rest. The one place to return it is `job.opened`,
+which opens every input (today with `Checkpoint.open`): then `add`, `VectorInMemory` and so
+`sweep` and the demo's α sweep apply it, through `vectors.plan_vector`, `vectors.apply_fn` and
+the engine unchanged.
 """
 
 from __future__ import annotations

@@ -127,11 +127,11 @@ def write_card(folder: Path, record: dict, tags: list[str], license: str | None 
 
 # ---- evaluation results in the card (`eval --update-card`, `push --eval`, `sweep --save-best`)
 
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+
 def eval_results(record: dict) -> list:
     """An `eval.json` record as huggingface_hub `EvalResult`s (the Hub's `model-index`)."""
     from huggingface_hub import EvalResult
-
-    from .evaluation import LM_EVAL_URL
 
     results = []
     for row in record["results"]:
