@@ -63,10 +63,12 @@ metadata:
 """
 
 
+THREADS = "1"  # set by --threads: torch's intra-op threads in every arm
+
+
 def child_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return env
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=THREADS,
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
@@ -164,10 +166,15 @@ def main() -> None:
                    help="a finished demo folder (models/instruct, vector, data)")
     p.add_argument("--limit", type=int, default=100, help="word problems per α")
     p.add_argument("--work", type=Path, default=Path("/tmp/sweep_bench"))
+    p.add_argument("--threads", default="1",
+                   help="OMP_NUM_THREADS of every arm (1: two threads sharing a busy core ran "
+                        "tiny models many times slower, see benchmarks/README.md)")
     p.add_argument("--large", action="store_true",
                    help="also time the weights alone on a 0.47 GB bf16 model (builds it)")
     p.add_argument("--_arm", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global THREADS
+    THREADS = args.threads
     target, vector = str(args.demo / "models" / "instruct"), str(args.demo / "vector")
     tasks = args.work / "tasks"
     if args._arm == "naive-script":
@@ -200,7 +207,7 @@ def main() -> None:
         shell[alpha] = rec["results"][0]["value"]
     rows["naive shell"] = (sum(walls), max(peaks))
     me = [sys.executable, str(Path(__file__).resolve()), "--demo", str(args.demo), "--work",
-          str(args.work), "--limit", str(args.limit)]
+          str(args.work), "--limit", str(args.limit), "--threads", args.threads]
     rows["naive script"] = timed(me + ["--_arm", "naive-script"])
     timed(me + ["--_arm", "weights"])
     large = timed(me + ["--_arm", "weights-large"]) if args.large else None
@@ -210,7 +217,7 @@ def main() -> None:
     script = {float(k): v for k, v in json.loads((args.work / "script.json").read_text()).items()}
     weights = json.loads((args.work / "weights.json").read_text())
     print(f"{len(ALPHAS)} alphas ({alphas}), {args.limit} word problems each, models in "
-          f"{args.demo}")
+          f"{args.demo}, OMP_NUM_THREADS={args.threads}")
     print(f"{'arm':<14}{'wall s':>9}{'peak RSS MB':>13}{'vs sweep':>10}")
     for name, (wall, peak) in rows.items():
         print(f"{name:<14}{wall:>9.1f}{peak:>13.0f}{wall / rows['sweep'][0]:>9.2f}x")

@@ -111,23 +111,23 @@ def run_sweep(target: str, vector: str, out: str | Path, alphas: tuple[float, ..
     lm_eval_version = evaluation.require_lm_eval()
     tasks = evaluation.load_tasks(eval_options)
     start = time.perf_counter()
-    points: list[dict] = []
     with inmemory.VectorInMemory(target, vector, options) as applied:  # the plan, from headers
         model, tokenizer = evaluation.load_model(applied.target_path, applied.device,
                                                  applied.load_dtype)
         applied.attach(model)
         lm = evaluation.harness_model(model, tokenizer, eval_options)
 
-        def evaluate(alpha: float) -> list[dict]:
+        def evaluate(alpha: float) -> dict:
             t0 = time.perf_counter()
             rows = evaluation.rows(evaluation.run(lm, tasks, eval_options))
-            points.append({"alpha": alpha, "results": rows,
-                           "seconds": round(time.perf_counter() - t0, 3)})
-            if on_point:
-                on_point(alpha, rows, time.perf_counter() - t0)
-            return rows
+            return {"results": rows, "seconds": round(time.perf_counter() - t0, 3)}
 
-        inmemory.sweep(applied, alphas, evaluate)
+        def report(alpha: float, point: dict) -> None:
+            if on_point:
+                on_point(alpha, point["results"], point["seconds"])
+
+        points = [{"alpha": alpha, **point}
+                  for alpha, point in inmemory.sweep(applied, alphas, evaluate, report)]
         sources = {role: s.record() for role, s in applied.sources.items()}
         device = str(applied.device)
     best, row = best_point(points)
@@ -191,10 +191,15 @@ def plot(record: dict, path: Path) -> Path:
                 ys.append(r["value"])
                 errs.append(r["stderr"] or 0.0)
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3)
+        if key == _key(record["selected_by"]):
+            best = record["best"]
+            ax.plot([best["alpha"]], [best["value"]], marker="*", markersize=14,
+                    color="tab:red", linestyle="none", label=f"best α = {best['alpha']:g}")
+            ax.legend(fontsize=8)
         ax.axvline(0.0, color="grey", linestyle=":", linewidth=1)
-        ax.set_xlabel("alpha (0 = target)")
+        ax.set_xlabel("α (0 = the target)")
         ax.set_title(label(key), fontsize=9)
-    fig.suptitle(f"{Path(record['target']).name} + alpha x {Path(record['vector']).name}",
+    fig.suptitle(f"{Path(record['target']).name} + α · {Path(record['vector']).name}",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
