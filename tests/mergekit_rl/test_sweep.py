@@ -173,7 +173,7 @@ def test_vector_that_does_not_fit(word_model, tiny_models, half_right, offline, 
     assert not (tmp_path / "out").exists() and snapshot(word_model) == before
 
 
-def test_unknown_task_and_missing_lm_eval(word_model, word_vector, tmp_path, no_builtin_tasks,
+def test_unknown_task_and_missing_dependencies(word_model, word_vector, tmp_path, no_builtin_tasks,
                                          no_model_load, monkeypatch):
     tasks = write_task(tmp_path / "tasks", ["1"] * len(QUESTIONS))
     r = cli("sweep", word_model, word_vector, "--tasks", "tiny_word_problems,gsm8kk",
@@ -182,7 +182,11 @@ def test_unknown_task_and_missing_lm_eval(word_model, word_vector, tmp_path, no_
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     r = cli("sweep", word_model, word_vector, "--tasks", "gsm8k", "-o", tmp_path / "out",
             ok=False)
-    one_line_error(r, "pip install 'mergekit-rl[eval]'")
+    one_line_error(r, "lm-evaluation-harness is not installed", "pip install 'mergekit-rl[eval]'")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    r = cli("sweep", word_model, word_vector, "--tasks", "gsm8k", "-o", tmp_path / "out",
+            ok=False)
+    one_line_error(r, "matplotlib", "pip install 'mergekit-rl[eval]'")
     assert not (tmp_path / "out").exists()
 
 
