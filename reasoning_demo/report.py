@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,9 +58,6 @@ def build_report(out: Path, r: Recipe, quick: bool, results: dict, seconds: dict
 
 def sweep_report(out: Path) -> dict | None:
     """The α sweep's points (accuracies in %, with their standard errors), or None without it."""
-    import json
-    import math
-
     file = out / "eval" / "sweep.json"
     if not file.is_file():
         return None
