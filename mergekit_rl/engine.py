@@ -13,10 +13,11 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointWriter
+from .checkpoint import Checkpoint
 from .errors import NonFiniteError
 from .plan import Item
 
@@ -36,6 +37,12 @@ DEFAULT_BLOCK_BYTES = 4 * 2**20
 # tensor the engine casts. Inputs are scratch copies owned by the engine: fn may overwrite them.
 ComputeFn = Callable[[Item, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 ProgressFn = Callable[[int, int], None]  # (bytes written, tensors finished)
+
+
+class Sink(Protocol):
+    """Where results go: a `CheckpointWriter`, or a model in memory (`inmemory.ModelSink`)."""
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None: ...
 
 
 def resolve_device(text: str) -> torch.device:
@@ -84,7 +91,7 @@ def _blocks(items: list[Item], block_bytes: int, whole_tensors: bool) -> Iterato
 
 
 def run(items: list[Item], inputs: dict[str, Checkpoint], fn: ComputeFn,
-        writer: CheckpointWriter, device: torch.device, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
+        writer: Sink, device: torch.device, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
         whole_tensors: bool = False, check_finite: bool = True,
         progress: ProgressFn | None = None) -> None:
     """Compute every item of a plan and write it. Errors in any stage stop all stages.

@@ -8,10 +8,12 @@ the huggingface_hub login, offline mode from `HF_HUB_OFFLINE`, as everywhere in 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,11 +301,13 @@ def _with_retries(what: str, repo_id: str, fn, delays=None):
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, commit_message: str | None = None, repo_type: str = "model",
-         max_commit_bytes: int = 50 * 10**9, ignore: tuple[str, ...] = ()) -> PushResult:
+         max_commit_bytes: int = 50 * 10**9, ignore: tuple[str, ...] = (),
+         readme: str | None = None) -> PushResult:
     """Upload a folder to the Hub: create the repo if needed, then one commit — or, for folders
     larger than `max_commit_bytes`, several commits that skip files already uploaded (so a
     failed push can be rerun and resumes), with the small files (card, config) last. Files
-    matching an `ignore` glob (relative posix paths) and hidden files stay local."""
+    matching an `ignore` glob (relative posix paths) and hidden files stay local. `readme`:
+    the card text to upload instead of the folder's README.md (the folder is not changed)."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -313,6 +317,11 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     if split_hub_id(repo_id) is None or "@" in repo_id:
         raise HubError(f"{repo_id!r}: expected a repo id like org/name (use --revision for a "
                        "branch)")
+    if readme is not None:
+        with _staged(folder, readme) as staged:
+            return push(staged, repo_id, private=private, revision=revision,
+                        create_pr=create_pr, commit_message=commit_message, repo_type=repo_type,
+                        max_commit_bytes=max_commit_bytes, ignore=ignore)
     api = HfApi()
     message = commit_message or f"Upload {folder.name} with mergekit-rl"
     repo = _with_retries("create the repository", repo_id, lambda: api.create_repo(
@@ -363,6 +372,21 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     info = upload([p.relative_to(folder).as_posix() for p in small] or None, message)
     return PushResult(str(repo), info.commit_url, info.pr_url, commits + 1,
                       tuple(p.relative_to(folder).as_posix() for p in skipped))
+
+
+@contextlib.contextmanager
+def _staged(folder: Path, readme: str):
+    """FOLDER as symbolic links to its files, under the same name, with another README.md."""
+    with tempfile.TemporaryDirectory(prefix="mkrl-push-") as tmp:
+        staged = Path(tmp) / folder.resolve().name
+        staged.mkdir()
+        for p in folder.rglob("*"):
+            rel = p.relative_to(folder)
+            if p.is_file() and rel.as_posix() != "README.md":
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                (staged / rel).symlink_to(p.resolve())
+        (staged / "README.md").write_text(readme)
+        yield staged
 
 
 def _remote_sha256(api, repo_id: str, repo_type: str, revision: str | None,

@@ -123,3 +123,55 @@ def write_card(folder: Path, record: dict, tags: list[str], license: str | None 
     lines += ["Provenance (file fingerprints, tool version): `provenance.json`.", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     card.save(folder / "README.md")
+
+
+# ---- evaluation results in the card (`eval --update-card`, `push --eval`, `sweep --save-best`)
+
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+
+def eval_results(record: dict) -> list:
+    """An `eval.json` record as huggingface_hub `EvalResult`s (the Hub's `model-index`)."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for row in record["results"]:
+        dataset = row.get("dataset") or {}
+        shots = row.get("num_fewshot")
+        results.append(EvalResult(
+            task_type="text-generation", task_name=row["task"],
+            dataset_type=dataset.get("path") or row["task"], dataset_name=row["task"],
+            dataset_config=dataset.get("name"), dataset_split=dataset.get("split"),
+            dataset_args={"num_few_shot": shots} if shots is not None else None,
+            metric_type=row["metric"], metric_value=row["value"],
+            metric_name=row["metric"] + (f" ({row['filter']})" if row.get("filter") else ""),
+            metric_config=row.get("filter"), source_name="lm-evaluation-harness",
+            source_url=LM_EVAL_URL))
+    return results
+
+
+def card_with_eval(text: str | None, record: dict, model_name: str) -> str:
+    """Card text with `record`'s results in its `model-index` front matter: a result for the
+    same task, dataset, metric and filter replaces the old one; the rest of the card stays."""
+    from huggingface_hub import ModelCard
+
+    text = text or f"# {model_name}\n"
+    card = ModelCard(text if text.startswith("---") else f"---\n{{}}\n---\n{text}")
+    new = eval_results(record)
+    kept = [r for r in card.data.eval_results or []
+            if not any(r.is_equal_except_value(n) for n in new)]
+    card.data.eval_results = kept + new
+    card.data.model_name = card.data.model_name or model_name
+    return str(card)
+
+
+def update_card_file(folder: Path, record: dict) -> Path:
+    """Add `record`'s results to FOLDER/README.md (created if missing), replaced atomically."""
+    import os
+
+    readme = Path(folder) / "README.md"
+    text = readme.read_text() if readme.is_file() else None
+    new = card_with_eval(text, record, Path(folder).resolve().name)
+    tmp = readme.with_name(f".README.md.tmp-{os.getpid()}")
+    tmp.write_text(new)
+    os.replace(tmp, readme)
+    return readme

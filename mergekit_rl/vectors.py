@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import hub, provenance
+from . import engine, hub, provenance
+from .checkpoint import Checkpoint
 from .errors import ConfigError
 from .job import Options, ProgressFactory, Result, execute, opened
 from .maths import task_vectors
 from .output import check_output
-from .plan import plan_apply, plan_extract
+from .plan import Plan, plan_apply, plan_extract
 
 
 def extract(finetuned: str, base: str, out: str | Path, options: Options = Options(),
@@ -33,22 +34,38 @@ def extract(finetuned: str, base: str, out: str | Path, options: Options = Optio
             side_names=("config.json",), tags=["task-vector"], extra={})
 
 
+def check_alpha(alpha: float, flag: str = "--alpha") -> float:
+    """`alpha` when it is a finite number; a ConfigError naming `flag` otherwise."""
+    if not math.isfinite(alpha):
+        raise ConfigError(f"{flag} {alpha}: must be a finite number")
+    return alpha
+
+
+def plan_vector(ckpts: dict[str, Checkpoint], options: Options) -> Plan:
+    """`add`'s plan for `ckpts["target"] + α·ckpts["vector"]` (also the in-memory sweep's): the
+    mask, tied embeddings, vocabulary rows and integer tensors, all from headers."""
+    record = provenance.read_record(ckpts["vector"].path)
+    return plan_apply(ckpts["target"], ckpts["vector"], options.selection, options.out_dtype,
+                      options.allow_vocab_mismatch, frozenset(record.get("excluded", ())))
+
+
+def apply_fn(coef: float) -> engine.ComputeFn:
+    """`add`'s per-block maths, θ_target + coef·τ in fp32 rounded once (also the sweep's)."""
+    return lambda item, x, out: task_vectors.apply_vector(x["target"], x["vector"], coef, out=out)
+
+
 def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
           options: Options = Options(), progress: ProgressFactory | None = None,
           subtract: bool = False) -> Result:
     """Write `target + alpha·vector` (or `target − alpha·vector` with subtract=True)."""
-    if not math.isfinite(alpha):
-        raise ConfigError(f"--alpha {alpha}: must be a finite number")
+    check_alpha(alpha)
     out = check_output(Path(out), hub.local_inputs(target, vector), options.overwrite)
     sources = {"target": hub.resolve(target), "vector": hub.resolve(vector)}
     coef = -alpha if subtract else alpha
     with opened(sources, {"vector": "vector"}) as ckpts:
-        record = provenance.read_record(sources["vector"].path)
-        plan = plan_apply(ckpts["target"], ckpts["vector"], options.selection, options.out_dtype,
-                          options.allow_vocab_mismatch, frozenset(record.get("excluded", ())))
+        plan = plan_vector(ckpts, options)
         sign = "−" if subtract else "+"
         return execute(
             "model", f"target {sign} {alpha:g}·vector", sources, ckpts, plan,
-            lambda item, x, out: task_vectors.apply_vector(x["target"], x["vector"], coef, out=out),
-            out, options, progress, side_from=sources["target"].path, side_names=None,
-            tags=["task-arithmetic", "reasoning-vector"], extra={"alpha": coef})
+            apply_fn(coef), out, options, progress, side_from=sources["target"].path,
+            side_names=None, tags=["task-arithmetic", "reasoning-vector"], extra={"alpha": coef})

@@ -11,6 +11,7 @@ Every stage runs through the project's own tools (`stages.PIPELINE`), with confi
   instruct   `train sft` from the base on instructions                      (the sibling)
   vector     `extract grpo sft`, `add instruct v`, `subtract instruct v`, and `merge` of the
              manifest `instruct + 1.0·(grpo − sft)` (one pass, no vector on disk)
+  sweep      instruct + α·v for α in -1..2, applied in memory as `mergekit-rl sweep` does
   pairs      `sample pairs` from SFT (chosen = correct, rejected = wrong)
   wpo / dpo  `train wpo` from SFT on those pairs, weighting on / off
   eval       greedy exact match on held-out items; report.json, report.png, the table
@@ -33,7 +34,7 @@ from mergekit_rl.errors import ConfigError
 from . import report as report_mod
 from . import tasks
 from .recipe import make_recipe
-from .stages import PIPELINE, Context, Stages
+from .stages import PIPELINE, Context, Stages, test_examples
 
 EVAL_FROM = {"base": "base", "sft": "sft", "grpo": "grpo", "instruct": "instruct",
              "instruct+v": "vector", "instruct-v": "vector", "merge": "vector", "wpo": "wpo",
@@ -85,9 +86,7 @@ def evaluate_rows(ctx: Context, stages: Stages, results: dict) -> Iterator[str]:
     """Greedy exact match of every report row's model on its held-out task (one stage each)."""
     from .evaluate import evaluate
 
-    tests = {t: [tasks.Example(**json.loads(line))
-                 for line in (ctx.data / f"{t}_test.jsonl").read_text().splitlines()]
-             for t in ("arithmetic", "instruction")}
+    tests = {t: test_examples(ctx, t) for t in tasks.TASKS}
     for name, task in report_mod.ROWS:
         model_dir = report_mod.MODEL_DIRS[name]
         file = ctx.out / "eval" / f"{model_dir.split('/')[-1]}.{task}.json"

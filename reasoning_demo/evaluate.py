@@ -1,6 +1,7 @@
 """Greedy generation and exact-match accuracy of a checkpoint on held-out items.
 
-    accuracy = evaluate(model_dir, examples, max_new_tokens=48)
+    result = evaluate(model_dir, examples, max_new_tokens=48)
+    result = evaluate_model(model, tokenizer, examples, 48)   # a model already in memory
 
 Prompts are rendered with the tokenizer's chat template (the assistant header is added), decoded
 greedily with the KV cache from left-padded batches, and cut at the first end-of-turn token.
@@ -46,6 +47,12 @@ def evaluate(path: str | Path, examples: Sequence[tasks.Example], max_new_tokens
     """Exact-match accuracy of the checkpoint at `path` on `examples`, with a few samples;
     for word problems also the share of complete solutions (`tasks.is_complete`)."""
     model, tokenizer = load(path)
+    return evaluate_model(model, tokenizer, examples, max_new_tokens, batch_size)
+
+
+def evaluate_model(model, tokenizer, examples: Sequence[tasks.Example], max_new_tokens: int,
+                   batch_size: int = 256) -> dict:
+    """`evaluate` of a model in memory (the α sweep changes its weights in place)."""
     responses = greedy_responses(model, tokenizer, [e.prompt for e in examples], max_new_tokens,
                                  batch_size)
     correct = [tasks.is_correct(r, e) for r, e in zip(responses, examples)]

@@ -60,6 +60,9 @@ class Recipe:
     instruct_arith_share: float = 0.2
     # vector arithmetic
     alpha: float = 1.0
+    # the α sweep, in memory (300 items per task and point: ±2.9 points standard error at most)
+    sweep_alphas: str = "-1,-0.5,0,0.5,1,1.5,2"
+    sweep_items: int = 300
     # preference pairs and WPO / DPO (from SFT)
     pairs_prompts: int = 512
     pairs_samples: int = 4
@@ -73,10 +76,21 @@ class Recipe:
             self.arithmetic_spec(), self.instruction_spec()
         except ValueError as e:
             raise ConfigError(f"demo recipe: {e}; fix the --set value") from None
+        self.alphas()
+        if self.sweep_items < 1:
+            raise ConfigError(f"demo recipe: sweep_items must be at least 1, got "
+                              f"{self.sweep_items}")
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True)
                               .encode()).hexdigest()[:16]
+
+    def alphas(self) -> tuple[float, ...]:
+        """The sweep's α values, parsed as `mergekit-rl sweep --alphas` parses them."""
+        from mergekit_rl.sweep import parse_alphas
+
+        return parse_alphas(self.sweep_alphas, "demo recipe: sweep_alphas",
+                            "--set sweep_alphas=-1,0,1")
 
     def arithmetic_spec(self):
         from .tasks import ArithmeticSpec
@@ -94,7 +108,7 @@ QUICK = dict(n_test=200, pretrain_docs=3000, pretrain_steps=80, pretrain_batch=3
              intermediate=128, layers=2, sft_train=400, sft_steps=10, sft_batch=16,
              grpo_steps=4, grpo_prompts=8, grpo_group=4, max_new_tokens=40, instruct_train=400,
              instruct_steps=10, instruct_batch=16, pairs_prompts=32, pairs_samples=4, wpo_steps=4,
-             wpo_batch=8)
+             wpo_batch=8, sweep_items=100)
 
 
 def make_recipe(quick: bool = False, overrides: tuple[str, ...] = ()) -> Recipe:

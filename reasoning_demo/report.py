@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,11 +52,33 @@ def build_report(out: Path, r: Recipe, quick: bool, results: dict, seconds: dict
                                                                          "instruction"),
             "vector": {"l2": vector.total.l2, "sparsity": vector.total.sparsity,
                        "groups": [g.as_dict() for g in vector.groups]},
+            "sweep": sweep_report(out),
             "seconds": seconds, "total_seconds": sum(seconds.values())}
 
 
 QUICK_NOTE = ("--quick is a smoke test of the pipeline (a few steps on a few examples): its "
               "accuracies and goals mean nothing; run without --quick for the experiment")
+
+
+def sweep_report(out: Path) -> dict | None:
+    """The α sweep's points (accuracies in %, with their standard errors), or None without it."""
+    file = out / "eval" / "sweep.json"
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+
+    def point(p: dict) -> dict:
+        row = {k: p[k] for k in ("alpha", "rank") if k in p}
+        for task, result in p.items():
+            if isinstance(result, dict):
+                acc, n = result["accuracy"], result["n"]
+                row[task] = {"accuracy": 100 * acc, "stderr": 100 * math.sqrt(acc * (1 - acc) / n),
+                             "n": n, "complete": None if result.get("complete") is None
+                             else 100 * result["complete"]}
+        return row
+
+    return {"items": data["items"], "points": [point(p) for p in data["points"]],
+            "low_rank": [point(p) for p in data["low_rank"]]}
 
 
 def format_report(report: dict) -> Iterator[str]:
@@ -81,8 +105,26 @@ def format_report(report: dict) -> Iterator[str]:
                f"{goal['difference']:+.1f} points")
     yield (f"instruct+v vs instruct on instructions: {report['instruction_change']:+.1f} points; "
            f"vector L2 {report['vector']['l2']:.3g}; total {report['total_seconds']:.0f}s")
+    yield from format_sweep(report)
     if report.get("quick"):
         yield f"note: {QUICK_NOTE}"
+
+
+def format_sweep(report: dict) -> Iterator[str]:
+    """The α sweep as a small table (nothing when the report has no sweep)."""
+    sweep = report.get("sweep")
+    if not sweep:
+        return
+    items = sweep["items"]
+    yield ""
+    yield (f"{'instruct + alpha·v':<20}{'word problems':>15}{'(complete)':>12}"
+           f"{'instructions':>15}   (in memory, n={items['arithmetic']} / "
+           f"{items['instruction']})")
+    for p in sweep["points"] + sweep["low_rank"]:
+        name = f"alpha {p['alpha']:g}" + (f", rank {p['rank']}" if "rank" in p else "")
+        arith, instr = p["arithmetic"], p["instruction"]
+        complete = f"({arith['complete']:.1f})"
+        yield f"{name:<20}{arith['accuracy']:>15.1f}{complete:>12}{instr['accuracy']:>15.1f}"
 
 
 def plot_report(report: dict, path: Path) -> Path | None:
@@ -94,8 +136,8 @@ def plot_report(report: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5),
-                                      gridspec_kw={"width_ratios": [3, 2]})
+    fig, (left, right, swept) = plt.subplots(1, 3, figsize=(18, 4.5),
+                                             gridspec_kw={"width_ratios": [3, 2, 2]})
     rows = report["rows"]
     labels = [row["model"] + ("\n(instr.)" if row["task"] == "instruction" else "")
               for row in rows]
@@ -111,7 +153,32 @@ def plot_report(report: dict, path: Path) -> Path | None:
                      fontsize=8)
     right.set_ylabel("L2 norm")
     right.set_title("reasoning vector (grpo - sft) per layer")
+    plot_sweep(swept, report)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_sweep(ax, report: dict) -> None:
+    """Accuracy of instruct + α·v against α, both tasks, with standard-error bars."""
+    sweep = report.get("sweep")
+    if not sweep:
+        ax.set_axis_off()
+        return
+    points = sorted(sweep["points"], key=lambda p: p["alpha"])
+    alphas = [p["alpha"] for p in points]
+    for task, color, name in (("arithmetic", "tab:blue", "word problems"),
+                              ("instruction", "tab:orange", "instructions")):
+        ax.errorbar(alphas, [p[task]["accuracy"] for p in points],
+                    yerr=[p[task]["stderr"] for p in points], marker="o", capsize=3,
+                    color=color, label=name)
+    for p in sweep["low_rank"]:
+        ax.plot([p["alpha"]], [p["arithmetic"]["accuracy"]], marker="x", color="tab:blue")
+        ax.annotate(f"r{p['rank']}", (p["alpha"], p["arithmetic"]["accuracy"]), fontsize=7)
+    ax.axvline(0.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("alpha (instruct + alpha·v, in memory)")
+    ax.set_ylabel("exact match (%)")
+    n = sweep["items"]["arithmetic"]
+    ax.set_title(f"the alpha sweep ({n} items per task and point)")
+    ax.legend(fontsize=8)

@@ -66,14 +66,31 @@ def assert_failed(result, out: Path, inputs: dict[Path, dict], *needles: str) ->
     output and no temporary or leftover folder beside it, every input byte-identical.
 
     `inputs` maps each input folder to its `snapshot` taken before the command."""
-    text = result.output
-    assert result.exit_code == 1, text + repr(result.exception)
-    assert text.startswith("Error: ") and text.count("\n") == 1, text
-    assert "Traceback" not in text, text
-    for needle in needles:
-        assert needle in text, f"{needle!r} not in {text!r}"
+    assert one_line_error(result, *needles).startswith("Error: "), result.output
     out = Path(out)
     assert not out.exists(), f"{out} was written"
     assert not list(out.parent.glob(f".{out.name}.*")), list(out.parent.glob(f".{out.name}.*"))
     for folder, before in inputs.items():
         assert snapshot(folder) == before, f"{folder} changed"
+
+
+def cli(*args, ok: bool = True):
+    """Run `mergekit-rl ARGS...` in-process; with `ok`, assert it exited 0."""
+    from click.testing import CliRunner
+
+    from mergekit_rl.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def one_line_error(result, *words: str) -> str:
+    """Assert a user mistake's outcome: exit 1, one line, no traceback, naming every word."""
+    assert result.exit_code == 1, result.output + repr(result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]

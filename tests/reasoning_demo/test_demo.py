@@ -63,6 +63,33 @@ def test_vector_stages_match_an_in_memory_recomputation(quick_run):
         torch.testing.assert_close(merged[k], plus[k], rtol=0, atol=1e-6)
 
 
+def test_sweep_in_memory_matches_the_models_written_by_add(quick_run):
+    from reasoning_demo.evaluate import evaluate
+    from reasoning_demo.stages import Context, test_examples
+
+    out, output = quick_run
+    recipe = make_recipe(quick=True)
+    report = json.loads((out / "report.json").read_text())
+    sweep = report["sweep"]
+    assert [p["alpha"] for p in sweep["points"]] == list(recipe.alphas())
+    assert sweep["items"] == {"arithmetic": recipe.sweep_items, "instruction": recipe.sweep_items}
+    assert sweep["low_rank"] == []  # the hook for the toolkit's compressed vectors
+    assert "instruct + alpha·v" in output and (out / "eval" / "sweep.json").is_file()
+    # no checkpoint written for any α: the models folder holds the pipeline's models only
+    assert sorted(p.name for p in (out / "models").iterdir()) == sorted(
+        ["init", "base", "sft", "grpo", "instruct", "instruct_plus_v", "instruct_minus_v",
+         "merge", "wpo", "dpo"])
+    ctx = Context(out, recipe, True)
+    points = {p["alpha"]: p for p in sweep["points"]}
+    for alpha, model in ((0.0, "instruct"), (1.0, "instruct_plus_v"), (-1.0, "instruct_minus_v")):
+        for task in ("arithmetic", "instruction"):
+            ref = evaluate(out / "models" / model, test_examples(ctx, task)[:recipe.sweep_items],
+                           recipe.max_new_tokens)
+            assert points[alpha][task]["accuracy"] == 100 * ref["accuracy"], (alpha, task)
+            if task == "arithmetic":
+                assert points[alpha][task]["complete"] == 100 * ref["complete"], alpha
+
+
 def test_rerun_reuses_finished_stages(quick_run):
     out, _ = quick_run
     before = (out / "report.json").read_text()
@@ -85,6 +112,11 @@ def test_bad_recipe_override_is_one_line(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
     assert "flawed_share must be in [0, 1], got 2.0" in result.output
     assert not (tmp_path / "o").exists()
+    result = CliRunner().invoke(main, ["demo", "--quick", "-o", str(tmp_path / "o"),
+                                       "--set", "sweep_alphas=-1,x"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "sweep_alphas '-1,x': 'x' is not a number" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_changed_stage_reruns_with_what_depends_on_it(quick_run):
@@ -94,7 +126,7 @@ def test_a_changed_stage_reruns_with_what_depends_on_it(quick_run):
     assert result.exit_code == 0, result.output
     lines = {line.split("]")[0][1:]: line for line in result.output.splitlines()
              if line.startswith("[")}
-    for reused in ("data", "base", "sft", "grpo", "instruct", "vector", "pairs",
+    for reused in ("data", "base", "sft", "grpo", "instruct", "vector", "sweep", "pairs",
                    "eval sft arithmetic", "eval instruct+v arithmetic"):
         assert "reused" in lines[reused], lines[reused]
     for redone in ("wpo", "dpo", "eval wpo arithmetic", "eval dpo arithmetic"):
