@@ -73,10 +73,14 @@ class Result:
 
 @contextlib.contextmanager
 def opened(sources: dict[str, hub.Source]):
+    """Open every input (models and dense vectors as `Checkpoint`, adapters and low-rank
+    vectors as `adapter.Adapter`); closed when the block ends."""
+    from .adapter import open_input
+
     ckpts: dict[str, Checkpoint] = {}
     try:
         for role, src in sources.items():
-            ckpts[role] = Checkpoint.open(src.path)
+            ckpts[role] = open_input(src.path)
         yield ckpts
     finally:
         for c in ckpts.values():

@@ -8,24 +8,44 @@ with the side files, a provenance record and a model card.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
-from . import hub, provenance
-from .errors import ConfigError
+import torch
+
+from . import hub
+from .adapter import Adapter, Zeros, check_architecture, covered_only
+from .errors import ConfigError, MismatchError
 from .job import Options, ProgressFactory, Result, execute, opened
 from .maths import task_vectors
 from .output import check_output
-from .plan import plan_apply, plan_extract
+from .plan import (
+    embed_name,
+    is_tied,
+    lm_head_name,
+    plan_adapter_extract,
+    plan_apply,
+    plan_extract,
+)
 
 
 def extract(finetuned: str, base: str, out: str | Path, options: Options = Options(),
-            progress: ProgressFactory | None = None) -> Result:
-    """Write the task vector `finetuned − base` (the reasoning vector: GRPO − SFT)."""
+            progress: ProgressFactory | None = None, lowrank=None) -> Result:
+    """Write the task vector `finetuned − base` (the reasoning vector: GRPO − SFT). FINETUNED
+    may be a PEFT adapter: the vector is then its s·B·A per adapted tensor, zero elsewhere.
+    `lowrank` (a `lowrank.LowRank`) writes the vector as truncated SVDs in PEFT's format."""
     out = check_output(Path(out), hub.local_inputs(finetuned, base), options.overwrite)
     sources = {"finetuned": hub.resolve(finetuned), "base": hub.resolve(base)}
     with opened(sources) as ckpts:
+        if isinstance(ckpts["finetuned"], Adapter):
+            return _extract_adapter(sources, ckpts, out, options, progress, lowrank)
         plan = plan_extract(ckpts["finetuned"], ckpts["base"], options.selection,
                             options.out_dtype, options.allow_vocab_mismatch)
+        if lowrank is not None:
+            from .lowrank import write_lowrank
+
+            return write_lowrank(sources, ckpts, plan, out, options, lowrank,
+                                 "finetuned − base")
         return execute(
             "vector", "finetuned − base", sources, ckpts, plan,
             lambda item, x, out: task_vectors.task_vector(x["finetuned"], x["base"], out=out),
@@ -44,12 +64,70 @@ def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
     sources = {"target": hub.resolve(target), "vector": hub.resolve(vector)}
     coef = -alpha if subtract else alpha
     with opened(sources) as ckpts:
-        record = provenance.read_record(sources["vector"].path)
-        plan = plan_apply(ckpts["target"], ckpts["vector"], options.selection, options.out_dtype,
-                          options.allow_vocab_mismatch, frozenset(record.get("excluded", ())))
+        target, vector = ckpts["target"], ckpts["vector"]
+        raw_adapter = isinstance(vector, Adapter) and not vector.lowrank
+        notes = _prepare_adapter(vector, target, "target") if raw_adapter else []
+        plan = plan_apply(target, vector, options.selection, options.out_dtype,
+                          options.allow_vocab_mismatch, covered_only(vector, target),
+                          alias_tied=not raw_adapter)
+        if raw_adapter and vector.full:
+            plan = _replace_full_weights(plan, vector, coef)
+        plan.notes[:0] = notes
         sign = "−" if subtract else "+"
         return execute(
             "model", f"target {sign} {alpha:g}·vector", sources, ckpts, plan,
             lambda item, x, out: task_vectors.apply_vector(x["target"], x["vector"], coef, out=out),
             out, options, progress, side_from=sources["target"].path, side_names=None,
             tags=["task-arithmetic", "reasoning-vector"], extra={"alpha": coef})
+
+
+def _prepare_adapter(adapter: Adapter, model, role: str) -> list[str]:
+    """Check the adapter belongs to `model`'s architecture; fold a tied head into the
+    embedding as peft's merge does. Returns the notes."""
+    check_architecture(adapter, model, role)
+    head, emb = "lm_head.weight", embed_name(model)
+    if is_tied(model) and lm_head_name(model) is None and emb:
+        note = adapter.fold_tied_head(head, emb)
+        return [note] if note else []
+    return []
+
+
+def _replace_full_weights(plan, adapter: Adapter, coef: float):
+    """Full weights in an adapter replace the target's tensor (peft's merge_and_unload) — at
+    α = 1 only: they are not deltas, so they cannot be scaled or subtracted."""
+    full = sorted(n for n in adapter.full if any(i.name == n for i in plan.items))
+    if full and coef != 1:
+        raise MismatchError(
+            f"{adapter.path}: {full[0]} is a full weight (modules_to_save or a saved embedding "
+            "layer), not a delta, so --alpha/subtract cannot scale it; run `mergekit-rl "
+            "extract ADAPTER BASE` to get a vector and apply that with --alpha")
+    items = [replace(i, sources=(), copy_from=("vector", i.name), common_rows=None)
+             if i.name in adapter.full else i for i in plan.items]
+    notes = [f"{n}: replaced by the adapter's full weight (as peft's merge_and_unload)"
+             for n in full]
+    return replace(plan, items=items, notes=plan.notes + notes)
+
+
+def _extract_adapter(sources, ckpts, out: Path, options: Options, progress, lowrank) -> Result:
+    """The dense (or low-rank) vector an adapter applies to its base."""
+    adapter, base = ckpts["finetuned"], ckpts["base"]
+    notes = _prepare_adapter(adapter, base, "base")
+    plan = plan_adapter_extract(adapter, base, options.selection, options.out_dtype)
+    plan.notes[:0] = notes
+    inputs = {**ckpts, "adapter": adapter, "zero": Zeros(base.tensors)}
+    if lowrank is not None:
+        from .lowrank import write_lowrank
+
+        return write_lowrank(sources, inputs, plan, out, options, lowrank, "s·B·A (adapter)")
+
+    def fn(item, x, out):
+        if "zero" in x:
+            return out.zero_()
+        delta = x["adapter"].to(torch.float32)
+        return out.copy_(delta.sub_(x["base"].to(torch.float32)) if "base" in x else delta)
+
+    return execute(
+        "vector", "s·B·A per adapted tensor (full weights − base), 0 elsewhere", sources, inputs,
+        plan, fn, out, options, progress, side_from=sources["base"].path,
+        side_names=("config.json",), tags=["task-vector", "lora"],
+        extra={"excluded": plan.excluded, "adapter": adapter.adapter_config})
