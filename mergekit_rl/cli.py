@@ -86,6 +86,9 @@ def common_options(fn, out_required: bool = True):
         click.option("--push-to-hub", metavar="REPO_ID",
                      help="Upload the result to this Hub repo when done."),
         click.option("--private", is_flag=True, help="Create the Hub repo as private."),
+        click.option("--card-local-paths", is_flag=True,
+                     help="Publish absolute local paths in the pushed card and provenance "
+                          "(default: folder names only)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
     ]
     for opt in reversed(opts):
@@ -126,19 +129,23 @@ def _command_line() -> str:
 
 
 def _summary(result, quiet: bool, what: str, push_to: str | None = None,
-             private: bool = False) -> None:
+             private: bool = False, local_paths: bool = False) -> None:
     if not quiet:
         gb = result.bytes_written / 1e9
         click.echo(f"{what}: wrote {result.tensors} tensors ({result.computed} computed), "
                    f"{gb:.3g} GB in {result.seconds:.1f}s on {result.device} → {result.out}")
     if push_to:
-        _push(result.out, push_to, private=private)
+        _push(result.out, push_to, private=private, local_paths=local_paths)
 
 
-def _push(folder, repo_id, **kw) -> None:
+def _push(folder, repo_id, local_paths: bool = False, **kw) -> None:
     from .hub import push
+    from .provenance import staged_for_push
 
-    r = push(folder, repo_id, **kw)
+    kw["commit_message"] = kw.get("commit_message") or f"Upload {Path(folder).name} with " \
+        "mergekit-rl"
+    with staged_for_push(Path(folder), repo_id, local_paths) as staged:
+        r = push(staged, repo_id, **kw)
     if r.skipped:
         click.echo(f"resumed: {len(r.skipped)} files were already on the Hub")
     click.echo(f"pushed {folder} → {r.pr_url or r.commit_url}")
@@ -155,23 +162,67 @@ def main():
     """
 
 
+def lowrank_options(fn):
+    """--rank / --energy / --svd: a low-rank vector in PEFT's LoRA format."""
+    for opt in reversed([
+        click.option("--rank", type=int, help="Store each 2-D delta as a rank-R truncated SVD "
+                     "in PEFT LoRA format (adapter_config.json + adapter_model.safetensors)."),
+        click.option("--energy", type=float, help="Instead of --rank: per tensor, the smallest "
+                     "rank keeping this fraction of ‖Δ‖² (e.g. 0.99)."),
+        click.option("--svd", default="auto", show_default=True,
+                     type=click.Choice(["auto", "exact", "randomized"]),
+                     help="auto: exact SVD for small tensors, seeded randomized SVD above."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _lowrank(kw, required: bool = False):
+    if kw["rank"] is None and kw["energy"] is None and not required:
+        return None
+    from .lowrank import LowRank
+
+    return LowRank(rank=kw["rank"], energy=kw["energy"], svd=kw["svd"])
+
+
 @main.command()
 @click.argument("finetuned")
 @click.argument("base")
 @common_options
+@lowrank_options
 @errors_to_exit
 def extract(finetuned, base, **kw):
     """Write the task vector FINETUNED − BASE to OUT.
 
     The reasoning vector is `extract GRPO_CHECKPOINT SFT_CHECKPOINT`. Inputs are local folders
     or Hub ids (org/name[@revision]). The vector is a sharded safetensors checkpoint (float32
-    unless --dtype) with provenance.json and a model card.
+    unless --dtype) with provenance.json and a model card; with --rank or --energy a low-rank
+    vector that peft loads as a LoRA adapter. FINETUNED may be a PEFT adapter: the vector is
+    then scaling·B·A per adapted tensor and zero elsewhere.
     """
     from .vectors import extract as run
 
     _setup_logging(kw["quiet"])
-    result = run(finetuned, base, kw["out"], _options(**kw), _progress_factory(kw["quiet"]))
-    _summary(result, kw["quiet"], "extract", kw["push_to_hub"], kw["private"])
+    lowrank = _lowrank(kw)
+    result = run(finetuned, base, kw["out"], _options(**kw), _progress_factory(kw["quiet"]),
+                 lowrank=lowrank)
+    _summary(result, kw["quiet"], "extract", kw["push_to_hub"], kw["private"],
+             kw["card_local_paths"])
+
+
+@main.command()
+@click.argument("vector")
+@common_options
+@lowrank_options
+@errors_to_exit
+def compress(vector, **kw):
+    """Write VECTOR (dense or low-rank) as a low-rank vector: --rank R or --energy E."""
+    from .vectors import compress as run
+
+    _setup_logging(kw["quiet"])
+    result = run(vector, kw["out"], _lowrank(kw, required=True), _options(**kw))
+    _summary(result, kw["quiet"], "compress", kw["push_to_hub"], kw["private"],
+             kw["card_local_paths"])
 
 
 def _apply_command(subtract: bool):
@@ -182,7 +233,7 @@ def _apply_command(subtract: bool):
         result = run(target, vector, kw["out"], alpha, _options(**kw),
                      _progress_factory(kw["quiet"]), subtract=subtract)
         _summary(result, kw["quiet"], "subtract" if subtract else "add", kw["push_to_hub"],
-                 kw["private"])
+                 kw["private"], kw["card_local_paths"])
 
     return command
 
@@ -231,7 +282,7 @@ def merge(manifest, dry_run, overrides, **kw):
     result = run_merge(m, kw["out"], options, _progress_factory(kw["quiet"]))
     push = m.push or {}
     _summary(result, kw["quiet"], "merge", kw["push_to_hub"] or push.get("repo_id"),
-             kw["private"] or bool(push.get("private", False)))
+             kw["private"] or bool(push.get("private", False)), kw["card_local_paths"])
 
 
 @main.command()
@@ -243,8 +294,12 @@ def merge(manifest, dry_run, overrides, **kw):
 @click.option("--commit-message", "-m", help="Commit message.")
 @click.option("--repo-type", default="model", show_default=True,
               type=click.Choice(["model", "dataset"]))
+@click.option("--card-local-paths", is_flag=True,
+              help="Publish absolute local paths in the card and provenance (default: folder "
+                   "names only).")
 @errors_to_exit
-def push(folder, repo_id, private, revision, create_pr, commit_message, repo_type):
+def push(folder, repo_id, private, revision, create_pr, commit_message, repo_type,
+         card_local_paths):
     """Upload FOLDER (a merge, vector or checkpoint) to the Hub repo REPO_ID.
 
     The repo is created if needed. Folders over 50 GB go up in several commits, and a
@@ -252,8 +307,8 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, repo_typ
     and is never printed.
     """
     _setup_logging(False)
-    _push(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
-          commit_message=commit_message, repo_type=repo_type)
+    _push(folder, repo_id, card_local_paths, private=private, revision=revision,
+          create_pr=create_pr, commit_message=commit_message, repo_type=repo_type)
 
 
 @main.command()

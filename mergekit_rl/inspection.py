@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import hub
-from .checkpoint import Checkpoint
+from .adapter import Adapter, open_input
 from .errors import DependencyError
 from .plan import layer_index
 from .provenance import read_record
@@ -78,8 +78,10 @@ def _order(group: str) -> tuple[int, int]:
 def inspect_checkpoint(spec: str) -> Report:
     """Stream every floating-point tensor once and accumulate per-group statistics in fp64."""
     source = hub.resolve(spec)
-    with Checkpoint.open(source.path) as ckpt:
+    with open_input(source.path) as ckpt:
         kind = read_record(source.path).get("kind", "model")
+        if isinstance(ckpt, Adapter):  # read as the dense deltas it applies
+            kind = "low-rank vector" if ckpt.lowrank else "adapter"
         dtypes: dict[str, int] = {}
         groups: dict[str, GroupStats] = {}
         total = GroupStats("total")

@@ -41,14 +41,14 @@ def extract(finetuned: str, base: str, out: str | Path, options: Options = Optio
             return _extract_adapter(sources, ckpts, out, options, progress, lowrank)
         plan = plan_extract(ckpts["finetuned"], ckpts["base"], options.selection,
                             options.out_dtype, options.allow_vocab_mismatch)
+        fn = _task_vector
         if lowrank is not None:
             from .lowrank import write_lowrank
 
-            return write_lowrank(sources, ckpts, plan, out, options, lowrank,
-                                 "finetuned − base")
+            return write_lowrank(sources, ckpts, plan, fn, out, options, lowrank,
+                                 "finetuned − base", sources["finetuned"].path)
         return execute(
-            "vector", "finetuned − base", sources, ckpts, plan,
-            lambda item, x, out: task_vectors.task_vector(x["finetuned"], x["base"], out=out),
+            "vector", "finetuned − base", sources, ckpts, plan, fn,
             out, options, progress, side_from=sources["finetuned"].path,
             side_names=("config.json",), tags=["task-vector"],
             extra={"excluded": plan.excluded})
@@ -115,10 +115,6 @@ def _extract_adapter(sources, ckpts, out: Path, options: Options, progress, lowr
     plan = plan_adapter_extract(adapter, base, options.selection, options.out_dtype)
     plan.notes[:0] = notes
     inputs = {**ckpts, "adapter": adapter, "zero": Zeros(base.tensors)}
-    if lowrank is not None:
-        from .lowrank import write_lowrank
-
-        return write_lowrank(sources, inputs, plan, out, options, lowrank, "s·B·A (adapter)")
 
     def fn(item, x, out):
         if "zero" in x:
@@ -126,8 +122,48 @@ def _extract_adapter(sources, ckpts, out: Path, options: Options, progress, lowr
         delta = x["adapter"].to(torch.float32)
         return out.copy_(delta.sub_(x["base"].to(torch.float32)) if "base" in x else delta)
 
+    if lowrank is not None:
+        from .lowrank import write_lowrank
+
+        return write_lowrank(sources, inputs, plan, fn, out, options, lowrank,
+                             "s·B·A per adapted tensor", sources["base"].path)
     return execute(
         "vector", "s·B·A per adapted tensor (full weights − base), 0 elsewhere", sources, inputs,
         plan, fn, out, options, progress, side_from=sources["base"].path,
         side_names=("config.json",), tags=["task-vector", "lora"],
         extra={"excluded": plan.excluded, "adapter": adapter.adapter_config})
+
+
+def _task_vector(item, x, out):
+    return task_vectors.task_vector(x["finetuned"], x["base"], out=out)
+
+
+def compress(vector: str, out: str | Path, lowrank, options: Options = Options()) -> Result:
+    """Rewrite an existing vector (dense, low-rank or an adapter applied to nothing) as a
+    low-rank vector with `lowrank`'s rank or energy."""
+    from .lowrank import write_lowrank
+    from .plan import Item, Plan
+
+    out = check_output(Path(out), hub.local_inputs(vector), options.overwrite)
+    sources = {"vector": hub.resolve(vector)}
+    with opened(sources) as ckpts:
+        v = ckpts["vector"]
+        if isinstance(v, Adapter) and v.full:
+            raise MismatchError(f"{v.path}: carries full weights ({sorted(v.full)[0]}, ...), "
+                                "not only deltas; extract it against its base first")
+        dtype = options.out_dtype or torch.float32
+        items, excluded = [], []
+        for name, info in v.tensors.items():
+            if not info.is_float:
+                continue
+            if not options.selection.selects(name):
+                excluded.append(name)
+                continue
+            items.append(Item(name, info.shape, dtype, (("vector", name),)))
+        plan = Plan(items, [], excluded)
+        return write_lowrank(sources, ckpts, plan, _copy_vector, out, options, lowrank,
+                             "truncated SVD of vector", sources["vector"].path)
+
+
+def _copy_vector(item, x, out):
+    return out.copy_(x["vector"])
