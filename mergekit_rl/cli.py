@@ -338,5 +338,40 @@ def inspect(path, as_json, plot):
         click.echo(f"plot → {plot}")
 
 
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--base", help="Compare the deltas A − BASE and B − BASE of two models.")
+@click.option("--include", multiple=True, metavar="REGEX", help="Only these tensors.")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Leave these tensors out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="Draw per-layer cosine, sign agreement and norm ratio to PNG.")
+@errors_to_exit
+def compare(a, b, base, include, exclude, as_json, plot):
+    """Per-layer cosine similarity, norm ratio ‖A‖/‖B‖ and sign agreement of two vectors
+    (dense, low-rank or adapters), or with --base of two models' deltas; streamed."""
+    from .comparison import compare as run
+    from .comparison import plot_comparison
+    from .plan import Selection
+
+    _setup_logging(False)
+    c = run(a, b, base, Selection(tuple(include), tuple(exclude)))
+    if plot:
+        plot_comparison(c, plot)
+    if as_json:
+        click.echo(json.dumps(c.as_dict(), indent=2))
+        return
+    t = c.total
+    click.echo(f"{a} vs {b}" + (f" (deltas to {base})" if base else "")
+               + f": {t.tensors} tensors, {t.params:,} parameters")
+    click.echo(f"{'group':<12}{'tensors':>8}{'cosine':>10}{'‖A‖/‖B‖':>10}{'signs agree':>13}")
+    for g in [*c.groups, t]:
+        click.echo(f"{g.name:<12}{g.tensors:>8}{g.cosine:>10.4f}{g.norm_ratio:>10.4f}"
+                   f"{g.sign_agreement:>13.2%}")
+    if plot:
+        click.echo(f"plot → {plot}")
+
+
 if __name__ == "__main__":
     main()
