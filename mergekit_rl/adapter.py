@@ -120,6 +120,9 @@ class Adapter:
                     "re-save it with a recent peft)" if legacy.exists() else ""))
             weights = Checkpoint.open(file)
         dense = Checkpoint.open(path / DENSE_NAME) if (path / DENSE_NAME).is_file() else None
+        if any(f.name == DENSE_NAME for f in weights.files):  # a Hub vector read header-only
+            dense = weights.file_subset({DENSE_NAME})
+            weights = weights.file_subset({f.name for f in weights.files} - {DENSE_NAME})
         record = {}
         if (path / "provenance.json").is_file():
             try:

@@ -240,6 +240,14 @@ class Checkpoint:
         log.warning("%s: reading legacy pytorch_model.bin (weights only)", folder)
         return cls(folder, tensors, files, {}, legacy_state=state)
 
+    def file_subset(self, names: set[str]) -> Checkpoint:
+        """The same checkpoint restricted to the files named (e.g. one of a Hub adapter's)."""
+        files = [f for f in self.files if f.name in names]
+        return Checkpoint(self.path, {n: t for n, t in self.tensors.items()
+                                      if t.file.name in names}, files,
+                          {f: h for f, h in self.headers.items() if f.name in names},
+                          fetch=self._fetch)
+
     # ---- reading ---------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

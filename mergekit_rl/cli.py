@@ -315,13 +315,18 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, repo_typ
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw per-layer L2 norms to PNG.")
+@click.option("--download", is_flag=True,
+              help="For a Hub id: download the weights to compute norms (default: headers only).")
 @errors_to_exit
-def inspect(path, as_json, plot):
-    """Summarise a model or vector: tensors, dtypes, bytes, per-layer L2 norm and sparsity."""
+def inspect(path, as_json, plot, download):
+    """Summarise a model or vector: tensors, dtypes, bytes, per-layer L2 norm and sparsity.
+    A Hub id is read header-only (counts, no norms) unless --download."""
     from .inspection import inspect_checkpoint, plot_norms
 
     _setup_logging(False)
-    report = inspect_checkpoint(path)
+    report = inspect_checkpoint(path, download)
+    if report.header_only and plot:
+        raise click.UsageError("--plot needs the norms: add --download for a Hub input")
     if plot:
         plot_norms(report, plot)
     if as_json:
@@ -330,12 +335,37 @@ def inspect(path, as_json, plot):
     dtypes = ", ".join(f"{k}×{v}" for k, v in sorted(report.dtypes.items()))
     click.echo(f"{report.path} ({report.kind}): {report.tensors} tensors, "
                f"{report.params:,} parameters, {report.bytes / 1e6:.1f} MB [{dtypes}]")
+    if report.header_only:
+        click.echo("header-only (a Hub input read by range requests): no norms; --download "
+                   "computes them")
     click.echo(f"total L2 norm {report.total.l2:.6g}, sparsity {report.total.sparsity:.2%}")
     click.echo(f"{'group':<12}{'tensors':>8}{'params':>14}{'L2 norm':>14}{'sparsity':>10}")
     for g in report.groups:
         click.echo(f"{g.name:<12}{g.tensors:>8}{g.params:>14,}{g.l2:>14.6g}{g.sparsity:>10.2%}")
     if plot:
         click.echo(f"plot → {plot}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--init", is_flag=True, help="Also read a sample of tensors to tell whether the "
+              "models share an initialisation (reads tensor data).")
+@click.option("--allow-vocab-mismatch", is_flag=True,
+              help="Accept vocabularies that differ (as add/merge with the same flag).")
+@errors_to_exit
+def check(inputs, init, allow_vocab_mismatch):
+    """Pre-flight report: can INPUTS (the first is the target; then models, vectors or
+    adapters) be combined? From headers and configs only (Hub inputs by range requests):
+    architecture, tensors, shapes, dtypes, quantisation, tied embeddings, vocabulary,
+    tokenizer and chat template. Exit 0 when they can, 1 with the reasons."""
+    from .preflight import check as run
+
+    _setup_logging(False)
+    report = run(list(inputs), allow_vocab_mismatch, init)
+    for line in report.render():
+        click.echo(line)
+    if not report.ok:
+        raise SystemExit(1)
 
 
 @main.command()

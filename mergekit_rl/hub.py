@@ -34,6 +34,13 @@ class Source:
     repo_id: str | None = None
     revision: str | None = None  # what the user asked for (branch, tag or sha)
     commit: str | None = None    # the commit it resolved to
+    # Header-only (check, inspect, merge --dry-run): `path` holds the small files; the weight
+    # files listed here are read by HTTP range requests (`remote_weights`).
+    weight_files: tuple[str, ...] | None = None
+
+    @property
+    def header_only(self) -> bool:
+        return self.weight_files is not None
 
     def record(self) -> dict:
         if self.repo_id is None:
@@ -87,31 +94,105 @@ def resolve(spec: str, base: str | Path | None = None) -> Source:
     return _download(spec, repo_id, revision)
 
 
-def lfs_sha256(file: Path) -> str | None:
-    """The sha256 of a Hub-cached LFS file is the name of the blob it links to."""
-    blob = Path(os.path.realpath(file)).name
-    return blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
+def resolve_headers(spec: str, base: str | Path | None = None) -> Source:
+    """Like `resolve`, but a Hub repo is fetched without its weights: the config, tokenizer,
+    index, adapter config and provenance are downloaded, the safetensors headers are read by
+    range requests when the checkpoint is opened (`remote_weights`). Legacy `.bin` weights
+    have no header: those are downloaded."""
+    local = local_path(spec, base)
+    if local is not None:
+        return Source(spec, local)
+    repo_id, revision = split_hub_id(spec)  # type: ignore[misc]
+    from huggingface_hub import HfApi, snapshot_download
+
+    def fetch():
+        info = HfApi().model_info(repo_id, revision=revision)
+        names = [x.rfilename for x in info.siblings or []]
+        small = list(SIDE_FILES) + ["*.safetensors.index.json", "README.md",
+                                    "adapter_config.json", "provenance.json"]
+        folder = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=small))
+        return info.sha, names, folder
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # no range requests offline: the cache has the files or not
+        return _download(spec, repo_id, revision)
+    commit, names, folder = _hub_call(repo_id, revision, fetch)
+    weights = _weight_files(folder, names)
+    if weights is None:
+        log.warning("%s: no safetensors weights; downloading the legacy weights to read them",
+                    repo_id)
+        return _download(spec, repo_id, revision)
+    return Source(spec, folder, repo_id, revision, commit, weight_files=weights)
 
 
-def _download(spec: str, repo_id: str, revision: str | None) -> Source:
-    from huggingface_hub import HfApi, constants, snapshot_download
+def _weight_files(folder: Path, names: list[str]) -> tuple[str, ...] | None:
+    """The safetensors files a checkpoint reads: the index's shards, else the single file(s)."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return tuple(sorted(set(json.loads(index.read_text())["weight_map"].values())))
+        except (ValueError, KeyError, TypeError):
+            return None
+    if "adapter_model.safetensors" in names:  # with our low-rank vectors' dense deltas
+        return tuple(n for n in ("adapter_model.safetensors", "mergekit_rl_dense.safetensors")
+                     if n in names)
+    if "model.safetensors" in names:
+        return ("model.safetensors",)
+    found = tuple(sorted(n for n in names if n.endswith(".safetensors") and "/" not in n))
+    return found or None
+
+
+def read_range(source: Source, filename: str, start: int, nbytes: int) -> bytes:
+    """Bytes [start, start + nbytes) of a file of a Hub source, by one HTTP range request."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(source.repo_id, filename, revision=source.commit,
+                     endpoint=constants.ENDPOINT)
+
+    def get():
+        r = get_session().get(url, headers={**build_hf_headers(),
+                                            "Range": f"bytes={start}-{start + nbytes - 1}"},
+                              follow_redirects=True)
+        hf_raise_for_status(r)
+        return r.content
+
+    data = _hub_call(source.repo_id, source.commit, get)
+    if len(data) != nbytes:
+        raise HubError(f"{source.repo_id}: {filename}: asked for {nbytes} bytes at {start}, got "
+                       f"{len(data)} (the server ignored the range request?)")
+    return data
+
+
+def remote_header(source: Source, filename: str) -> bytes:
+    """The raw safetensors header of a Hub file: its 8-byte length, then the JSON."""
+    import struct
+
+    (n,) = struct.unpack("<Q", read_range(source, filename, 0, 8))
+    if n > 100 * 2**20:
+        raise HubError(f"{source.repo_id}: {filename}: a header of {n} bytes is not a "
+                       "safetensors header; the file is corrupt")
+    return read_range(source, filename, 8, n)
+
+
+def remote_weights(source: Source):
+    """A header-only `Checkpoint` of a Hub source (data, when read, by range requests)."""
+    from .checkpoint import Checkpoint
+
+    raws = {name: remote_header(source, name) for name in source.weight_files or ()}
+    return Checkpoint.from_headers(
+        source.path, raws, lambda file, start, n: read_range(source, file.name, start, n))
+
+
+def _hub_call(repo_id: str, revision: str | None, fn):
+    """Run fn, turning the Hub client's errors into one-line HubErrors (as `_download`)."""
     from huggingface_hub import errors as hf_errors
 
     try:
-        if constants.HF_HUB_OFFLINE:
-            folder = snapshot_download(repo_id, revision=revision,
-                                       allow_patterns=WEIGHT_PATTERNS + list(SIDE_FILES)
-                                       + ["README.md"])
-            return Source(spec, Path(folder), repo_id, revision, Path(folder).name)
-        info = HfApi().model_info(repo_id, revision=revision)
-        names = [s.rfilename for s in info.siblings or []]
-        has_st = any(n.endswith(".safetensors") for n in names)
-        # README.md only for its front matter (license); it is never copied into outputs
-        patterns = (WEIGHT_PATTERNS if has_st else LEGACY_PATTERNS) + list(SIDE_FILES) + [
-            "README.md"]
-        log.info("downloading %s@%s (%s)", repo_id, info.sha, "safetensors" if has_st else "bin")
-        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns)
-        return Source(spec, Path(folder), repo_id, revision, info.sha)
+        return fn()
     except hf_errors.RepositoryNotFoundError:
         raise HubError(f"{repo_id}: repository not found on the Hub (or private: log in with "
                        "`hf auth login` or set HF_TOKEN)") from None
@@ -127,6 +208,34 @@ def _download(spec: str, repo_id: str, revision: str | None) -> Source:
     except hf_errors.HfHubHTTPError as e:
         raise HubError(f"{repo_id}: Hub request failed ({e.__class__.__name__}: "
                        f"{str(e).splitlines()[0]})") from None
+
+
+def lfs_sha256(file: Path) -> str | None:
+    """The sha256 of a Hub-cached LFS file is the name of the blob it links to."""
+    blob = Path(os.path.realpath(file)).name
+    return blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
+
+
+def _download(spec: str, repo_id: str, revision: str | None) -> Source:
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    def fetch() -> Source:
+        if constants.HF_HUB_OFFLINE:
+            folder = snapshot_download(repo_id, revision=revision,
+                                       allow_patterns=WEIGHT_PATTERNS + list(SIDE_FILES)
+                                       + ["README.md"])
+            return Source(spec, Path(folder), repo_id, revision, Path(folder).name)
+        info = HfApi().model_info(repo_id, revision=revision)
+        names = [s.rfilename for s in info.siblings or []]
+        has_st = any(n.endswith(".safetensors") for n in names)
+        # README.md only for its front matter (license); it is never copied into outputs
+        patterns = (WEIGHT_PATTERNS if has_st else LEGACY_PATTERNS) + list(SIDE_FILES) + [
+            "README.md", "adapter_config.json", "provenance.json"]
+        log.info("downloading %s@%s (%s)", repo_id, info.sha, "safetensors" if has_st else "bin")
+        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns)
+        return Source(spec, Path(folder), repo_id, revision, info.sha)
+
+    return _hub_call(repo_id, revision, fetch)
 
 
 # ---- publishing -------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ def opened(sources: dict[str, hub.Source]):
     ckpts: dict[str, Checkpoint] = {}
     try:
         for role, src in sources.items():
-            ckpts[role] = open_input(src.path)
+            weights = hub.remote_weights(src) if src.header_only else None
+            ckpts[role] = open_input(src.path, weights)
         yield ckpts
     finally:
         for c in ckpts.values():

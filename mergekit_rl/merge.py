@@ -21,7 +21,7 @@ import yaml
 
 from . import engine, hub, provenance
 from .checkpoint import TOKENIZER_FILES, Checkpoint, copy_side_files, parse_size
-from .errors import ConfigError
+from .errors import ConfigError, MismatchError
 from .job import Options, ProgressFactory, Result, execute, opened
 from .manifest import MODEL_METHODS, Cond, Manifest, Term, to_dict
 from .maths import geometric, merge_methods
@@ -118,11 +118,12 @@ def compute_fn(m: Manifest, params: dict[str, TensorParams]) -> engine.ComputeFn
     return fn
 
 
-def _sources(m: Manifest) -> dict[str, hub.Source]:
-    sources = {"target": hub.resolve(m.target)}
+def _sources(m: Manifest, header_only: bool = False) -> dict[str, hub.Source]:
+    resolve = hub.resolve_headers if header_only else hub.resolve
+    sources = {"target": resolve(m.target)}
     for i, term in enumerate(m.terms):
         for role, spec in zip(term_roles(i, term), term.inputs):
-            sources[role] = hub.resolve(spec)
+            sources[role] = resolve(spec)
     return sources
 
 
@@ -216,9 +217,20 @@ def formula(m: Manifest) -> str:
 
 
 def dry_run(m: Manifest, options: Options = Options()) -> Iterator[str]:
-    """Describe the plan: inputs, tensors, bytes, peak memory, what each override touches."""
+    """The pre-flight report of `check` (Hub inputs read header-only), then the plan: inputs,
+    tensors, bytes, peak memory, what each override touches. Raises after the report when the
+    inputs cannot be combined."""
+    from .preflight import check_sources
+
     options = options_for(m, options)
-    sources = _sources(m)
+    sources = _sources(m, header_only=True)
+    kinds = {role: "vector" if term.kind == "vector" else "model"
+             for i, term in enumerate(m.terms) for role in term_roles(i, term)}
+    report = check_sources(sources, kinds, options.allow_vocab_mismatch)
+    yield from report.render()
+    if not report.ok:
+        raise MismatchError(f"dry run: {m.source or 'the manifest'}: the inputs cannot be "
+                            "combined (problems above); nothing was written")
     with opened(sources) as ckpts:
         plan, params = _plan(m, ckpts, options)
         yield f"method: {m.method}   formula: {formula(m)}"

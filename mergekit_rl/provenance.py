@@ -24,6 +24,7 @@ import yaml
 
 from .checkpoint import Checkpoint
 from .hub import Source, lfs_sha256
+from .tokenizer_id import fingerprint
 
 RECORD_NAME = "provenance.json"
 
@@ -47,6 +48,9 @@ def input_record(role: str, source: Source, ckpt: Checkpoint, full_hash: bool) -
     lineage = hub_lineage(source)
     if lineage:
         out["lineage"] = lineage
+    tokenizer = fingerprint(source.path)
+    if tokenizer:
+        out["tokenizer"] = tokenizer
     return out
 
 

@@ -27,6 +27,8 @@ from .plan import (
     plan_apply,
     plan_extract,
 )
+from .provenance import read_record
+from .tokenizer_id import check_vector_donors
 
 
 def extract(finetuned: str, base: str, out: str | Path, options: Options = Options(),
@@ -67,6 +69,8 @@ def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
         target, vector = ckpts["target"], ckpts["vector"]
         raw_adapter = isinstance(vector, Adapter) and not vector.lowrank
         notes = _prepare_adapter(vector, target, "target") if raw_adapter else []
+        notes += check_vector_donors(read_record(sources["vector"].path),
+                                     sources["target"].path, options.allow_vocab_mismatch)
         plan = plan_apply(target, vector, options.selection, options.out_dtype,
                           options.allow_vocab_mismatch, covered_only(vector, target),
                           alias_tied=not raw_adapter)
