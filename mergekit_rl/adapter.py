@@ -309,6 +309,18 @@ def open_input(path: str | Path, weights: Checkpoint | None = None) -> Checkpoin
     return weights if weights is not None else Checkpoint.open(path)
 
 
+def iter_deltas(path: str | Path):
+    """(name, float32 delta) for every floating tensor of a vector folder, dense or low-rank
+    (or a PEFT adapter without full weights), one tensor at a time: for applying a vector in
+    memory (θ + α·Δ) the way `add` does on disk. Tensors a low-rank vector leaves out are 0."""
+    with open_input(path) as vector:
+        for name, info in vector.tensors.items():
+            if info.is_float:
+                delta = vector.dense_delta(name) if isinstance(vector, Adapter) \
+                    else vector.read(name)
+                yield name, delta.to(torch.float32)
+
+
 def covered_only(vector, target: Checkpoint) -> frozenset[str]:
     """The target tensors a vector does not take part in: for an adapter every tensor it does
     not adapt (zero delta); for a dense vector those masked out at extraction."""

@@ -192,3 +192,19 @@ def test_low_rank_bad_input_one_line_nothing_written(tmp_path, tiny_models):
     assert r.exit_code == 1 and "--rank" in r.output
     assert not any((tmp_path / n).exists() for n in "abc")
     assert snapshot(m["grpo"].parent) == before
+
+
+def test_iter_deltas_is_what_add_applies(tmp_path, tiny_models):
+    from mergekit_rl.adapter import iter_deltas
+
+    m = tiny_models["llama_untied_fp32_sharded"]
+    cli("extract", m["grpo"], m["sft"], "-o", tmp_path / "lr", "--rank", "3", "-q")
+    cli("extract", m["grpo"], m["sft"], "-o", tmp_path / "dense", "-q")
+    cli("add", m["instruct"], tmp_path / "lr", "-o", tmp_path / "out", "-q", "--alpha", "0.5")
+    out, inst = load_state(tmp_path / "out"), load_state(m["instruct"])
+    deltas = dict(iter_deltas(tmp_path / "lr"))
+    for k, v in inst.items():
+        want = v + 0.5 * deltas[k] if k in deltas else v
+        torch.testing.assert_close(out[k], want, rtol=0, atol=1e-6)
+    dense = dict(iter_deltas(tmp_path / "dense"))
+    assert set(dense) == set(inst) and all(d.dtype == torch.float32 for d in dense.values())
