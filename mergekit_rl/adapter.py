@@ -10,10 +10,12 @@ a vector: `Adapter` has a checkpoint's `tensors`, `read(name, rows)`, `path` and
     r and α per module from rank_pattern / alpha_pattern, matched as peft matches them.
 
 LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685. Besides factors an adapter may carry
-full weights (`modules_to_save`, and the copies of embedding layers peft saves with
-`save_embedding_layers`): those replace the target's tensor rather than add to it, so they are
+full weights. `modules_to_save` replace the target's tensor rather than add to it, so they are
 exposed as `full` and the callers decide (an extract subtracts the base; an `add` at α = 1
-copies them, as `merge_and_unload` does; anything else is refused). Our low-rank vectors keep
+copies them, as `merge_and_unload` does; anything else is refused). The copies of embedding
+layers peft saves with `save_embedding_layers` (`<module>.base_layer.weight`) are the base's own
+weight: an extract uses them (peft loads them, so merged − base counts them), `add` and
+`merge` apply the LoRA delta alone (a sibling keeps its own embeddings). Our low-rank vectors keep
 tensors that are not factored (norms, biases) as dense deltas in `DENSE_NAME`, which peft
 ignores and this reader adds. Features that change what a merge means (DoRA, LoRA biases,
 trainable tokens, ...) are refused with one line.
@@ -88,7 +90,8 @@ class Adapter:
         self._weights, self._dense = weights, dense
         _check_supported(path, config)
         self.factors: dict[str, Factor] = {}
-        self.full: dict[str, str] = {}  # tensor name → key of a full weight in the adapter
+        self.full: dict[str, str] = {}  # tensor name → key of a modules_to_save weight
+        self.copies: dict[str, str] = {}  # tensor name → key of peft's saved base_layer copy
         self._parse()
         self.tensors: dict[str, TensorInfo] = {}
         self._folded: dict[str, list[Factor]] = {}  # embedding → tied head factors added to it
@@ -144,8 +147,10 @@ class Adapter:
             elif ".lora_" in name:
                 raise CheckpointError(f"{self.path}: {key} is not a LoRA factor this tool "
                                       "knows (DoRA or another variant); merge it with peft")
-            else:  # modules_to_save, or the embedding copies of save_embedding_layers
-                self.full[name.replace(".base_layer.", ".")] = key
+            elif ".base_layer." in name:  # save_embedding_layers: the base's own weight
+                self.copies[name.replace(".base_layer.", ".")] = key
+            else:  # modules_to_save (and bias: all / lora_only trained biases)
+                self.full[name] = key
         fan_in_fan_out = bool(self.adapter_config.get("fan_in_fan_out"))
         for module, keys in pairs.items():
             embedding = "lora_embedding_A" in keys or "lora_embedding_B" in keys
@@ -174,9 +179,9 @@ class Adapter:
         if head not in self.tensors:
             return None
         info = self.tensors.pop(head)
-        if head in self.full:
-            key = self.full.pop(head)
-            self.full.setdefault(embed, key)
+        for kept in (self.full, self.copies):  # the tied copies are one matrix
+            if head in kept:
+                kept.setdefault(embed, kept.pop(head))
         if head in self.factors:
             self._folded.setdefault(embed, []).append(self.factors.pop(head))
         if embed not in self.tensors:
@@ -205,6 +210,15 @@ class Adapter:
         if out is None:
             raise KeyError(name)
         return out
+
+    def read_merged(self, name: str, rows: tuple[int, int] | None = None,
+                    pin: bool = False) -> torch.Tensor:
+        """What peft's merge leaves in the model for `name`: the saved base_layer copy plus the
+        delta where peft saved one, else as `read`."""
+        if name not in self.copies or name in self.full:
+            return self.read(name, rows, pin)
+        copy = self._weights.read(self.copies[name], rows).to(torch.float32)
+        return copy.add_(self.read(name, rows)) if name in self.tensors else copy
 
     def dense_delta(self, name: str) -> torch.Tensor:
         """The whole dense delta of one tensor in float32 (the α sweep applies these)."""
@@ -353,3 +367,31 @@ class Zeros:
         if rows is not None:
             shape = (rows[1] - rows[0],) + tuple(shape[1:])
         return torch.zeros(shape, dtype=torch.float32)
+
+
+def prepare_adapter(adapter: Adapter, model: Checkpoint, role: str) -> list[str]:
+    """Before a PEFT adapter meets `model`: check it belongs to the model's architecture, and
+    on a model that ties lm_head to the embeddings fold its lm_head into the shared matrix, as
+    peft's merge does. Returns the notes."""
+    from .plan import embed_name, is_tied, lm_head_name
+
+    check_architecture(adapter, model, role)
+    notes = []
+    emb = embed_name(model)
+    if is_tied(model) and lm_head_name(model) is None and emb:
+        note = adapter.fold_tied_head("lm_head.weight", emb)
+        notes += [note] if note else []
+    if adapter.copies:
+        notes.append(f"{adapter.path} carries peft's copies of {', '.join(sorted(adapter.copies))}"
+                     f" (save_embedding_layers); the {role} keeps its own, plus the LoRA delta")
+    return notes
+
+
+class Merged:
+    """An adapter's `read_merged` as an input of the engine (role "merged" of an extract)."""
+
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+
+    def read(self, name: str, rows=None, pin: bool = False) -> torch.Tensor:
+        return self.adapter.read_merged(name, rows, pin)

@@ -186,17 +186,19 @@ def _store(item: Item, delta: torch.Tensor, spec: LowRank, dtype: torch.dtype,
            factors: SequentialWriter, dense: SequentialWriter) -> dict:
     """Factor one delta (or keep it dense) and write it; returns its record."""
     a_key, b_key = _keys(item) if _factored(item) else (None, None)
+    if not bool(delta.any()):  # unchanged (or not adapted): nothing to store, add reads 0
+        dense.skip(item.name)
+        if a_key is not None:
+            factors.skip(a_key)
+            factors.skip(b_key)
+        return {"rank": 0, "energy": 1.0, "stored": "none", "shape": list(item.shape)}
     if a_key is not None:
         generator = torch.Generator().manual_seed(tensor_seed(spec.seed, item.name, 0))
         t = svd.truncated_svd(delta, spec.rank, spec.energy, spec.svd, generator)
         m, n = item.shape
         smaller = t.rank * (m + n) < m * n
-        if t.rank == 0 or spec.rank is not None or smaller:
+        if spec.rank is not None or smaller:
             dense.skip(item.name)
-            if t.rank == 0:  # a zero delta: nothing to store
-                factors.skip(a_key)
-                factors.skip(b_key)
-                return {"rank": 0, "energy": 1.0, "stored": "none", "shape": [m, n]}
             b, a = t.factors()
             if item.name.endswith(EMBED_SUFFIXES):  # peft: Δ = (B_e·A_e)ᵀ
                 a, b = b.T, a.T

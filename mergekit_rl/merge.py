@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from . import engine, hub, provenance
+from .adapter import Adapter, covered_only, prepare_adapter
 from .checkpoint import TOKENIZER_FILES, Checkpoint, copy_side_files, parse_size
 from .errors import ConfigError, MismatchError
 from .job import Options, ProgressFactory, Result, execute, opened
@@ -27,6 +28,7 @@ from .manifest import MODEL_METHODS, Cond, Manifest, Term, to_dict
 from .maths import geometric, merge_methods
 from .output import check_output
 from .plan import Plan, Selection, embed_name, layer_index, plan_combine
+from .tokenizer_id import check_vector_donors
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +131,27 @@ def _sources(m: Manifest, header_only: bool = False) -> dict[str, hub.Source]:
 
 def _plan(m: Manifest, ckpts: dict[str, Checkpoint], options: Options
           ) -> tuple[Plan, dict[str, TensorParams]]:
-    excluded = {}
+    excluded, no_alias, notes = {}, set(), []
+    target = ckpts["target"]
     for i, term in enumerate(m.terms):
         if term.kind == "vector":
             role = term_roles(i, term)[0]
-            excluded[role] = frozenset(provenance.read_record(ckpts[role].path).get("excluded", ()))
+            vector = ckpts[role]
+            if isinstance(vector, Adapter) and not vector.lowrank:
+                if vector.full:
+                    raise MismatchError(f"{vector.path}: carries full weights "
+                                        f"({sorted(vector.full)[0]}, ...), not only deltas; "
+                                        "extract it against its base and merge that vector")
+                notes += prepare_adapter(vector, target, "target")
+                no_alias.add(role)
+            excluded[role] = covered_only(vector, target)
+            notes += check_vector_donors(provenance.read_record(vector.path), target.path,
+                                         options.allow_vocab_mismatch)
     inputs = {r: c for r, c in ckpts.items() if r != "target"}
-    plan = plan_combine(ckpts["target"], inputs, Selection(m.include, m.exclude),
+    plan = plan_combine(target, inputs, Selection(m.include, m.exclude),
                         options.out_dtype, options.allow_vocab_mismatch, excluded,
-                        what=f"cannot merge {m.source or 'manifest'}")
-    target = ckpts["target"]
+                        what=f"cannot merge {m.source or 'manifest'}", no_alias=frozenset(no_alias))
+    plan.notes[:0] = notes
     layers = target.config().get("num_hidden_layers") or 1 + max(
         (i for n in target.tensors if (i := layer_index(n)) is not None), default=0)
     if m.layer_range is not None and tuple(m.layer_range) != (0, layers):

@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import hub
-from .adapter import Adapter, check_architecture, covered_only
+from .adapter import Adapter, covered_only, prepare_adapter
 from .errors import MergekitRLError
 from .job import opened
 from .plan import (
     Selection,
     embed_name,
     is_tied,
-    lm_head_name,
     plan_apply,
     plan_combine,
 )
@@ -112,9 +111,7 @@ def compare_to_target(role: str, kind: str, ckpt, src: hub.Source, target, tsrc:
         raw = isinstance(ckpt, Adapter) and not ckpt.lowrank
         try:
             if raw:
-                check_architecture(ckpt, target, "target")
-                if is_tied(target) and lm_head_name(target) is None and embed_name(target):
-                    ckpt.fold_tied_head("lm_head.weight", embed_name(target))
+                prepare_adapter(ckpt, target, "target")
             plan_apply(target, ckpt, Selection(), None, allow_vocab, covered_only(ckpt, target),
                        alias_tied=not raw)
         except MergekitRLError as e:

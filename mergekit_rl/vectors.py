@@ -14,15 +14,12 @@ from pathlib import Path
 import torch
 
 from . import hub
-from .adapter import Adapter, Zeros, check_architecture, covered_only
+from .adapter import Adapter, Merged, Zeros, covered_only, prepare_adapter
 from .errors import ConfigError, MismatchError
 from .job import Options, ProgressFactory, Result, execute, opened
 from .maths import task_vectors
 from .output import check_output
 from .plan import (
-    embed_name,
-    is_tied,
-    lm_head_name,
     plan_adapter_extract,
     plan_apply,
     plan_extract,
@@ -68,7 +65,7 @@ def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
     with opened(sources) as ckpts:
         target, vector = ckpts["target"], ckpts["vector"]
         raw_adapter = isinstance(vector, Adapter) and not vector.lowrank
-        notes = _prepare_adapter(vector, target, "target") if raw_adapter else []
+        notes = prepare_adapter(vector, target, "target") if raw_adapter else []
         notes += check_vector_donors(read_record(sources["vector"].path),
                                      sources["target"].path, options.allow_vocab_mismatch)
         plan = plan_apply(target, vector, options.selection, options.out_dtype,
@@ -83,17 +80,6 @@ def apply(target: str, vector: str, out: str | Path, alpha: float = 1.0,
             lambda item, x, out: task_vectors.apply_vector(x["target"], x["vector"], coef, out=out),
             out, options, progress, side_from=sources["target"].path, side_names=None,
             tags=["task-arithmetic", "reasoning-vector"], extra={"alpha": coef})
-
-
-def _prepare_adapter(adapter: Adapter, model, role: str) -> list[str]:
-    """Check the adapter belongs to `model`'s architecture; fold a tied head into the
-    embedding as peft's merge does. Returns the notes."""
-    check_architecture(adapter, model, role)
-    head, emb = "lm_head.weight", embed_name(model)
-    if is_tied(model) and lm_head_name(model) is None and emb:
-        note = adapter.fold_tied_head(head, emb)
-        return [note] if note else []
-    return []
 
 
 def _replace_full_weights(plan, adapter: Adapter, coef: float):
@@ -115,15 +101,16 @@ def _replace_full_weights(plan, adapter: Adapter, coef: float):
 def _extract_adapter(sources, ckpts, out: Path, options: Options, progress, lowrank) -> Result:
     """The dense (or low-rank) vector an adapter applies to its base."""
     adapter, base = ckpts["finetuned"], ckpts["base"]
-    notes = _prepare_adapter(adapter, base, "base")
+    notes = prepare_adapter(adapter, base, "base")
     plan = plan_adapter_extract(adapter, base, options.selection, options.out_dtype)
     plan.notes[:0] = notes
-    inputs = {**ckpts, "adapter": adapter, "zero": Zeros(base.tensors)}
+    inputs = {**ckpts, "adapter": adapter, "zero": Zeros(base.tensors),
+              "merged": Merged(adapter)}
 
     def fn(item, x, out):
         if "zero" in x:
             return out.zero_()
-        delta = x["adapter"].to(torch.float32)
+        delta = (x["merged"] if "merged" in x else x["adapter"]).to(torch.float32)
         return out.copy_(delta.sub_(x["base"].to(torch.float32)) if "base" in x else delta)
 
     if lowrank is not None:

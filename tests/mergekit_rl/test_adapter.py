@@ -41,14 +41,31 @@ def make_adapter(base_dir, out_dir, seed=0, **lora):
     return out_dir
 
 
-def peft_merged(target_dir, adapter_dir) -> dict[str, torch.Tensor]:
-    """The reference: peft loads the adapter on the target and merges it."""
+def peft_merged(target_dir, adapter_dir, keep_target_copies=False) -> dict[str, torch.Tensor]:
+    """The reference: peft loads the adapter on the target and merges it. peft also loads the
+    copies of embedding layers it saved (the base's weights); with keep_target_copies the
+    target's own weight stands in for such a copy (merged − copy + target's), which is what
+    `add` applies to a sibling."""
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    out = {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    if keep_target_copies:
+        tied = model.config.tie_word_embeddings
+        copies = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+                  for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()
+                  if ".base_layer." in k}
+        if tied and "lm_head.weight" in copies:  # one shared matrix: adjust it once
+            copies.setdefault("model.embed_tokens.weight", copies.pop("lm_head.weight"))
+        for name, copy in copies.items():
+            out[name] = out[name] - copy + own[name]
+        if tied:
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
 
 
 CASES = {
@@ -85,7 +102,7 @@ def test_add_adapter_equals_peft_merge_on_another_target(tmp_path, tiny_models, 
     m = tiny_models["llama_untied_fp32_sharded"]
     adapter = make_adapter(m["base"], tmp_path / "adapter", seed=1, **CASES[case])
     cli("add", m["instruct"], adapter, "-o", tmp_path / "out", "-q")
-    out, ref = load_state(tmp_path / "out"), peft_merged(m["instruct"], adapter)
+    out, ref = load_state(tmp_path / "out"), peft_merged(m["instruct"], adapter, True)
     assert set(out) <= set(ref)
     for k, v in out.items():
         torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6), k
@@ -98,7 +115,7 @@ def test_tied_model_adapter_on_embeddings_and_head(tmp_path, tiny_models):
                            target_modules=["q_proj", "embed_tokens", "lm_head"])
     cli("add", m["instruct"], adapter, "-o", tmp_path / "out", "-q")
     cli("extract", adapter, m["base"], "-o", tmp_path / "vec", "-q")
-    out, ref = load_state(tmp_path / "out"), peft_merged(m["instruct"], adapter)
+    out, ref = load_state(tmp_path / "out"), peft_merged(m["instruct"], adapter, True)
     for k, v in out.items():
         torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6), k
     vec, base_ref, b = load_state(tmp_path / "vec"), peft_merged(m["base"], adapter), \
@@ -140,3 +157,19 @@ def test_adapter_bad_inputs_one_line_nothing_written(tmp_path, tiny_models):
     assert r.exit_code == 1 and "use_dora" in r.output
     assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
     assert snapshot(tmp_path / "adapter") == before
+
+
+def test_merge_takes_an_adapter_as_a_vector_term(tmp_path, tiny_models):
+    m = tiny_models["qwen2_tied_fp32"]
+    adapter = make_adapter(m["base"], tmp_path / "adapter", seed=3,
+                           target_modules=["q_proj", "lm_head"])
+    (tmp_path / "m.yaml").write_text(f"target: {m['instruct']}\nterms:\n"
+                                     f"  - {{vector: {adapter}, weight: 0.5}}\n")
+    cli("merge", tmp_path / "m.yaml", "-o", tmp_path / "merge", "-q")
+    cli("extract", adapter, m["base"], "-o", tmp_path / "vec", "-q")
+    cli("add", m["instruct"], tmp_path / "vec", "-o", tmp_path / "add", "-q", "--alpha", "0.5")
+    merged, added = load_state(tmp_path / "merge"), load_state(tmp_path / "add")
+    for k in merged:
+        torch.testing.assert_close(merged[k], added[k], rtol=0, atol=1e-6), k
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(merged[emb], load_state(m["instruct"])[emb])  # the tied head's delta

@@ -208,3 +208,25 @@ def test_iter_deltas_is_what_add_applies(tmp_path, tiny_models):
         torch.testing.assert_close(out[k], want, rtol=0, atol=1e-6)
     dense = dict(iter_deltas(tmp_path / "dense"))
     assert set(dense) == set(inst) and all(d.dtype == torch.float32 for d in dense.values())
+
+
+def test_low_rank_of_an_adapter_stores_only_what_it_adapts(tmp_path, tiny_models):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    m = tiny_models["llama_untied_fp32_sharded"]
+    model = AutoModelForCausalLM.from_pretrained(m["base"], dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    cli("extract", tmp_path / "adapter", m["base"], "-o", tmp_path / "lr", "--rank", "2", "-q")
+    cfg = json.loads((tmp_path / "lr" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]
+    cli("add", m["instruct"], tmp_path / "lr", "-o", tmp_path / "a", "-q")
+    cli("add", m["instruct"], tmp_path / "adapter", "-o", tmp_path / "b", "-q")
+    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6), k
