@@ -21,8 +21,8 @@ import torch
 
 from . import hub
 from .engine import DEFAULT_BLOCK_BYTES
-from .errors import DependencyError, MismatchError
-from .inspection import _order, group_of
+from .errors import MismatchError
+from .inspection import _order, group_of, pyplot
 from .job import opened
 from .plan import MAX_LISTED, Selection
 
@@ -218,13 +218,7 @@ def compare(a_spec: str, b_spec: str, base_spec: str | None = None,
 
 def plot_comparison(c: Comparison, out: Path) -> None:
     """Per-layer cosine, sign agreement and norm ratio: the figure papers show."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise DependencyError("--plot needs matplotlib: pip install 'mergekit-rl[plot]'") from None
+    plt = pyplot()
     names = [g.name.replace("layer ", "L") for g in c.groups]
     fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.35 * len(names)), 7), sharex=True)
     for ax, key, label in zip(axes, ("cosine", "sign_agreement", "norm_ratio"),

@@ -118,8 +118,8 @@ def inspect_checkpoint(spec: str, download: bool = False) -> Report:
                       dtypes, ordered, total, header_only=source.header_only)
 
 
-def plot_norms(report: Report, out: Path) -> None:
-    """Bar chart of per-group L2 norms: the picture people look at when judging a vector."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a DependencyError saying what to install."""
     try:
         import matplotlib
 
@@ -127,6 +127,12 @@ def plot_norms(report: Report, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DependencyError("--plot needs matplotlib: pip install 'mergekit-rl[plot]'") from None
+    return plt
+
+
+def plot_norms(report: Report, out: Path) -> None:
+    """Bar chart of per-group L2 norms: the picture people look at when judging a vector."""
+    plt = pyplot()
     names = [g.name.replace("layer ", "L") for g in report.groups]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.5))
     ax.bar(names, [g.l2 for g in report.groups], color="#4C72B0")
