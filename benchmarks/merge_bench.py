@@ -593,7 +593,8 @@ def toolkit_size(size: str, args) -> dict:
     sh(["cat", *[f for k in ("grpo", "sft") for f in files_of(m[k])]], stdout=subprocess.DEVNULL)
     samples = collections.defaultdict(list)
     sizes = {}
-    runs = list(TOOLKIT_RUNS)
+    wanted = [r.strip() for r in (args.only or "").split(",") if r.strip()]
+    runs = [r for r in TOOLKIT_RUNS if not wanted or r in wanted]
     for rep in range(args.repeats):
         for run in (runs if rep % 2 == 0 else runs[::-1]):
             os.sync()
@@ -703,7 +704,7 @@ def main() -> None:
         for s in sizes:
             ensure_trio(s)
         return
-    if args.toolkit:
+    if args.toolkit:  # --only then picks among TOOLKIT_RUNS
         results = {s: toolkit_size(s, args) for s in sizes}
         toolkit_report(results)
         if args.json:

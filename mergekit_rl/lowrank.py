@@ -204,9 +204,8 @@ def _store(item: Item, delta: torch.Tensor, spec: LowRank, dtype: torch.dtype,
                 a, b = b.T, a.T
             factors.write(a_key, a.to(dtype))
             factors.write(b_key, b.to(dtype))
-            total = float(torch.linalg.vector_norm(delta)) ** 2
             return {"rank": t.rank, "energy": t.energy, "stored": "lora", "method": t.method,
-                    "shape": [m, n], "sumsq": total}
+                    "shape": [m, n], "sumsq": t.total}
         factors.skip(a_key)
         factors.skip(b_key)
         log.info("%s: rank %d for energy %s is not smaller than dense; kept dense",

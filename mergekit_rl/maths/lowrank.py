@@ -30,13 +30,15 @@ METHODS = ("auto", "exact", "randomized")
 
 @dataclass(frozen=True)
 class Truncation:
-    """Δ ≈ u·diag(s)·vh with u [m, r], s [r], vh [r, n]; `energy` kept, `method` used."""
+    """Δ ≈ u·diag(s)·vh with u [m, r], s [r], vh [r, n]; `energy` kept of `total` = ‖Δ‖_F²,
+    `method` used."""
 
     u: torch.Tensor
     s: torch.Tensor
     vh: torch.Tensor
     energy: float
     method: str
+    total: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -100,7 +102,7 @@ def truncated_svd(delta: torch.Tensor, rank: int | None = None, energy: float | 
     def cut(u, s, vh, r, how):
         kept = float((s[:r].double() ** 2).sum()) / total if total > 0 else 1.0
         return Truncation(u[:, :r].contiguous(), s[:r].contiguous(), vh[:r].contiguous(),
-                          min(kept, 1.0), how)
+                          min(kept, 1.0), how, total)
 
     exact = method == "exact" or (method == "auto" and side <= EXACT_MAX_SIDE)
     if rank is not None:
