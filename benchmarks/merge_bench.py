@@ -568,6 +568,98 @@ def report(results: dict, notes: list[str], floor_mb: float) -> None:
         print("note:", n)
 
 
+# ---- toolkit rows (issue 16): `extract --rank 64` and `compare` ---------------------------------
+# Kept apart from the timing core above so that both can change independently; run them with
+# `--toolkit`. Each run is a subprocess timed by `timed` (wall, its own peak RSS).
+
+TOOLKIT_RUNS = ("read2", "ours_compare", "ours_extract_r64")
+
+
+def toolkit_size(size: str, args) -> dict:
+    """Time reading grpo+sft once, `compare grpo sft` and `extract grpo sft --rank 64`."""
+    root, trio = ensure_trio(size)
+    m = {k: root / k for k in MODELS}
+    work = CACHE / "runs" / f"toolkit-{size}"
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "logs").mkdir(parents=True)
+    cli = Path(args.mergekit_rl)
+    commands = {
+        "read2": worker("--_plain", "read", "-", m["grpo"], m["sft"]),
+        "ours_compare": [cli, "compare", m["grpo"], m["sft"], "--json"],
+        "ours_extract_r64": [cli, "extract", m["grpo"], m["sft"], "-o", work / "lowrank",
+                             "--rank", "64", "--quiet", "--overwrite"],
+    }
+    sh(["cat", *[f for k in ("grpo", "sft") for f in files_of(m[k])]], stdout=subprocess.DEVNULL)
+    samples = collections.defaultdict(list)
+    sizes = {}
+    wanted = [r.strip() for r in (args.only or "").split(",") if r.strip()]
+    runs = [r for r in TOOLKIT_RUNS if not wanted or r in wanted]
+    for rep in range(args.repeats):
+        for run in (runs if rep % 2 == 0 else runs[::-1]):
+            os.sync()
+            r = timed(commands[run], work / "logs" / f"{run}.r{rep}.log")
+            print(f"  [{size} GB] rep {rep + 1}/{args.repeats} {run:17s} {r['wall']:7.2f} s  "
+                  f"{r['rss_mb']:7.0f} MB  cpu {r['cpu']:5.1f} s  others {r['other_cpu']:5.1f} s"
+                  f"  rc={r['rc']}", flush=True)
+            if r["rc"]:
+                print((work / "logs" / f"{run}.r{rep}.log").read_text()[-1500:], flush=True)
+            samples[run].append(r)
+            if run == "ours_extract_r64" and r["rc"] == 0:
+                lowrank = json.loads((work / "lowrank" / "provenance.json").read_text())["lowrank"]
+                sizes = {"lowrank_bytes": lowrank["bytes"], "dense_bytes": lowrank["dense_bytes"],
+                         "ratio": lowrank["ratio"]}
+                shutil.rmtree(work / "lowrank", ignore_errors=True)
+    rows = []
+    for run in runs:
+        ok = [r for r in samples[run] if r["rc"] == 0]
+        if ok:
+            walls = [r["wall"] for r in ok]
+            rows.append({"run": run, "size": size, "n": len(ok),
+                         "wall_median": statistics.median(walls), "wall_min": min(walls),
+                         "wall_max": max(walls), "rss_mb": max(r["rss_mb"] for r in ok),
+                         "other_cpu_median": statistics.median(r["other_cpu"] for r in ok),
+                         "samples": samples[run]})
+    return {"rows": rows, "sizes": sizes, "model_gb": data_bytes(m["base"]) / 1e9}
+
+
+def toolkit_report(results: dict) -> None:
+    print("\n| run | size | wall s median (min–max) | others' CPU s | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    for size, res in results.items():
+        for r in res["rows"]:
+            print(f"| {r['run']} | {size} | {r['wall_median']:.2f} ({r['wall_min']:.2f}–"
+                  f"{r['wall_max']:.2f}) | {r['other_cpu_median']:.1f} | {r['rss_mb']:.0f} |")
+
+    def row(size, run):
+        return next((r for r in results.get(size, {}).get("rows", []) if r["run"] == run), None)
+
+    print("\n| check | value | target |")
+    print("|---|---|---|")
+    for size in results:
+        a, b = row(size, "ours_compare"), row(size, "read2")
+        if a and b:
+            ratio = a["wall_median"] / b["wall_median"]
+            print(f"| {size} GB compare / read both once | {ratio:.2f}× | ≤ 1.2× "
+                  f"{'PASS' if ratio <= 1.2 else 'FAIL'} |")
+        sz = results[size]["sizes"]
+        if sz:
+            print(f"| {size} GB rank-64 vector / dense vector | {sz['lowrank_bytes'] / 1e6:.0f} MB"
+                  f" / {sz['dense_bytes'] / 1e6:.0f} MB = {sz['ratio']:.1%} | – |")
+    for run in ("ours_compare", "ours_extract_r64"):
+        big, small = row("1.9", run), row("0.5", run)
+        if big:
+            print(f"| 1.9 GB peak RSS {run} | {big['rss_mb']:.0f} MB | ≤ 800 MB "
+                  f"{'PASS' if big['rss_mb'] <= 800 else 'FAIL'} |")
+        if big and small:
+            g = big["rss_mb"] / small["rss_mb"]
+            print(f"| peak RSS {run} 1.9 GB / 0.5 GB | {g:.2f}× | ≤ 1.15× "
+                  f"{'PASS' if g <= 1.15 else 'FAIL'} |")
+
+
+# ---- end of the toolkit rows -------------------------------------------------------------------
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=("1.9", "0.5", "both"), default="both")
@@ -587,6 +679,8 @@ def main() -> None:
     ap.add_argument("--mergekit-rl", default=str(Path(sys.executable).parent / "mergekit-rl"),
                     help="the mergekit-rl executable to time (default: next to this python)")
     ap.add_argument("--build-only", action="store_true", help="build the cache and stop")
+    ap.add_argument("--toolkit", action="store_true",
+                    help="time only the toolkit rows: " + ", ".join(TOOLKIT_RUNS))
     # Internal: the subprocess entry points.
     ap.add_argument("--_build", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_plain", nargs="+", help=argparse.SUPPRESS)
@@ -609,6 +703,12 @@ def main() -> None:
     if args.build_only:
         for s in sizes:
             ensure_trio(s)
+        return
+    if args.toolkit:  # --only then picks among TOOLKIT_RUNS
+        results = {s: toolkit_size(s, args) for s in sizes}
+        toolkit_report(results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
         return
     notes: list[str] = []
     if args.only:

@@ -125,13 +125,17 @@ class Checkpoint:
     """A model or vector folder: single file, shards + index, or legacy `.bin` (weights only)."""
 
     def __init__(self, path: Path, tensors: dict[str, TensorInfo], files: list[Path],
-                 headers: dict[Path, bytes], legacy_state: dict | None = None):
+                 headers: dict[Path, bytes], legacy_state: dict | None = None,
+                 fetch=None):
         self.path = path
         self.tensors = tensors
         self.files = files
         self.headers = headers
         self._legacy = legacy_state
         self._fds: dict[Path, int] = {}
+        # fetch(file, start, nbytes) -> bytes: a checkpoint whose files are remote (header-only;
+        # data, when asked for, by HTTP range requests). None: local files.
+        self._fetch = fetch
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
@@ -162,6 +166,24 @@ class Checkpoint:
                 return cls._from_legacy(path, path / name)
         raise CheckpointError(f"{path}: no *.safetensors, index or pytorch_model.bin found; "
                               "is this a model folder?")
+
+    @classmethod
+    def from_headers(cls, folder: Path, raw_headers: dict[str, bytes], fetch) -> Checkpoint:
+        """A checkpoint known from its files' raw headers only (a Hub repo read by range
+        requests): `raw_headers` maps file name → header bytes; `fetch(file, start, n)` reads
+        data. `folder` holds the small side files (config, tokenizer, index)."""
+        tensors: dict[str, TensorInfo] = {}
+        files, headers = [], {}
+        for name, raw in raw_headers.items():
+            file = folder / name
+            for t, info in header_tensors(file, parse_header(raw, name), 8 + len(raw)).items():
+                if t in tensors:
+                    raise CheckpointError(f"{folder}: tensor {t!r} appears in both "
+                                          f"{tensors[t].file.name} and {name}")
+                tensors[t] = info
+            files.append(file)
+            headers[file] = raw
+        return cls(folder, tensors, files, headers, fetch=fetch)
 
     @classmethod
     def _from_index(cls, folder: Path, index_path: Path) -> Checkpoint:
@@ -195,17 +217,11 @@ class Checkpoint:
         for file in files:
             header, start, raw = _read_header(file)
             headers[file] = raw
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
+            for name, info in header_tensors(file, header, start).items():
                 if name in tensors:
                     raise CheckpointError(f"{folder}: tensor {name!r} appears in both "
                                           f"{tensors[name].file.name} and {file.name}")
-                if meta["dtype"] not in DTYPES:
-                    raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype "
-                                          f"{meta['dtype']}")
-                tensors[name] = TensorInfo(name, DTYPES[meta["dtype"]], tuple(meta["shape"]),
-                                           file, start + meta["data_offsets"][0])
+                tensors[name] = info
         return cls(folder, tensors, list(files), headers)
 
     @classmethod
@@ -225,6 +241,14 @@ class Checkpoint:
         log.warning("%s: reading legacy pytorch_model.bin (weights only)", folder)
         return cls(folder, tensors, files, {}, legacy_state=state)
 
+    def file_subset(self, names: set[str]) -> Checkpoint:
+        """The same checkpoint restricted to the files named (e.g. one of a Hub adapter's)."""
+        files = [f for f in self.files if f.name in names]
+        return Checkpoint(self.path, {n: t for n, t in self.tensors.items()
+                                      if t.file.name in names}, files,
+                          {f: h for f, h in self.headers.items() if f.name in names},
+                          fetch=self._fetch)
+
     # ---- reading ---------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -243,6 +267,10 @@ class Checkpoint:
             start += rows[0] * row_bytes
             nbytes = (rows[1] - rows[0]) * row_bytes
             shape = (rows[1] - rows[0],) + shape[1:]
+        if self._fetch is not None:
+            data = bytearray(self._fetch(info.file, start, nbytes)) if nbytes else bytearray()
+            return torch.frombuffer(data, dtype=torch.uint8).view(info.dtype).reshape(shape) \
+                if nbytes else torch.empty(shape, dtype=info.dtype)
         buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         if nbytes:
             _pread_into(self._fd(info.file), buf.numpy(), start, info.file)
@@ -281,6 +309,10 @@ class Checkpoint:
         """Per file: name, size, sha256 of the header (cheap) or of the whole file."""
         out = []
         for file in self.files:
+            if self._fetch is not None:  # remote: the header is what we have
+                out.append({"file": file.name,
+                            "header_sha256": hashlib.sha256(self.headers[file]).hexdigest()})
+                continue
             rec = {"file": file.name, "bytes": file.stat().st_size}
             if full_hash:
                 rec["sha256"] = file_sha256(file)
@@ -535,3 +567,89 @@ def check_not_quantized(ckpt: Checkpoint) -> None:
         "weights: use the unquantised (BF16) release, or dequantise it first (FP8: transformers "
         "from_pretrained(..., quantization_config=FineGrainedFP8Config(dequantize=True)), then "
         "save_pretrained)")
+
+
+# ---- header-only checkpoints, sequential writing ---------------------------------
+
+def header_tensors(file: Path, header: dict, start: int) -> dict[str, TensorInfo]:
+    """The TensorInfos of one parsed safetensors header whose data begins at byte `start`."""
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype "
+                                  f"{meta.get('dtype')}")
+        out[name] = TensorInfo(name, DTYPES[meta["dtype"]], tuple(meta["shape"]), file,
+                               start + meta["data_offsets"][0])
+    return out
+
+
+def parse_header(raw: bytes, where: str) -> dict:
+    """A safetensors header's JSON (the bytes after the 8-byte length), checked to be a map."""
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+        return header
+    except ValueError as e:
+        raise CheckpointError(f"{where}: not a valid safetensors header ({e})") from None
+
+
+class SequentialWriter:
+    """One safetensors file written tensor by tensor, in a fixed order, when only upper bounds
+    of the shapes are known up front (a low-rank factor's rank is found as it is computed).
+
+    The header is reserved at its largest possible size (every dimension at its bound), the
+    data is appended behind it as tensors arrive, and `finish` writes the real header padded
+    with spaces (valid JSON whitespace) to the reserved size. Memory: the tensor in flight."""
+
+    def __init__(self, file: Path, bounds: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.file = file
+        self.order = [name for name, _, _ in bounds]
+        self.meta = {"format": "pt", **(metadata or {})}
+        worst = {"__metadata__": self.meta}
+        total = sum(numel(s) * dtype_size(d) for _, d, s in bounds)
+        for name, dtype, shape in bounds:
+            worst[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                           "data_offsets": [total, total]}
+        self.reserved = len(json.dumps(worst, separators=(",", ":")).encode())
+        self.reserved += -self.reserved % 8
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
+        self.fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if len(self.entries) >= len(self.order) or self.order[len(self.entries)] != name:
+            raise ValueError(f"internal: {name} written out of order")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(data).cast("B")
+        start = 8 + self.reserved + self.offset
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], start + done)
+        self.entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.offset, self.offset + len(view)]}
+        self.offset += len(view)
+
+    def skip(self, name: str) -> None:
+        """Leave a planned tensor out (e.g. a delta of rank 0)."""
+        self.order.remove(name)
+
+    def finish(self) -> int:
+        """Write the header; returns the file size."""
+        if len(self.entries) != len(self.order):
+            raise RuntimeError("internal: tensors not written: "
+                               f"{[n for n in self.order if n not in self.entries][:5]}")
+        header = {"__metadata__": self.meta, **self.entries}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (self.reserved - len(raw))
+        os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+        self.close()
+        return 8 + self.reserved + self.offset
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -92,6 +92,9 @@ def common_options(fn, out_required: bool = True, makes_vector: bool = False):
         click.option("--push-to-hub", metavar="REPO_ID",
                      help="Upload the result to this Hub repo when done."),
         click.option("--private", is_flag=True, help="Create the Hub repo as private."),
+        click.option("--card-local-paths", is_flag=True,
+                     help="Publish absolute local paths in the pushed card and provenance "
+                          "(default: folder names only)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
     ]
     for opt in reversed(opts):
@@ -132,22 +135,35 @@ def _command_line() -> str:
 
 
 def _summary(result, quiet: bool, what: str, push_to: str | None = None,
-             private: bool = False) -> None:
+             private: bool = False, local_paths: bool = False) -> None:
     if not quiet:
         gb = result.bytes_written / 1e9
         click.echo(f"{what}: wrote {result.tensors} tensors ({result.computed} computed), "
                    f"{gb:.3g} GB in {result.seconds:.1f}s on {result.device} → {result.out}")
     if push_to:
-        _push(result.out, push_to, kept=True, private=private)
+        _push(result.out, push_to, kept=True, private=private, local_paths=local_paths)
 
 
-def _push(folder, repo_id, kept: bool = False, **kw) -> None:
-    """Upload a folder; `kept`: it was just written, so a failure says it is kept locally."""
+def _push(folder, repo_id, kept: bool = False, local_paths: bool = False,
+          eval_record: dict | None = None, **kw) -> None:
+    """Upload a folder as it is published (`provenance.staged_for_push`); `kept`: it was just
+    written, so a failure says it is kept locally; `eval_record`: results for the card."""
     from .errors import HubError
     from .hub import push
+    from .provenance import staged_for_push
 
+    kw["commit_message"] = kw.get("commit_message") or f"Upload {Path(folder).name} with " \
+        "mergekit-rl"
     try:
-        r = push(folder, repo_id, **kw)
+        with staged_for_push(Path(folder), repo_id, local_paths) as staged:
+            readme = None
+            if eval_record is not None:
+                from .provenance import card_with_eval
+
+                card = Path(staged) / "README.md"
+                readme = card_with_eval(card.read_text() if card.is_file() else None,
+                                        eval_record, repo_id.split("/")[-1])
+            r = push(staged, repo_id, readme=readme, **kw)
     except HubError as e:
         if not kept:
             raise
@@ -169,23 +185,67 @@ def main():
     """
 
 
+def lowrank_options(fn):
+    """--rank / --energy / --svd: a low-rank vector in PEFT's LoRA format."""
+    for opt in reversed([
+        click.option("--rank", type=int, help="Store each 2-D delta as a rank-R truncated SVD "
+                     "in PEFT LoRA format (adapter_config.json + adapter_model.safetensors)."),
+        click.option("--energy", type=float, help="Instead of --rank: per tensor, the smallest "
+                     "rank keeping this fraction of ‖Δ‖² (e.g. 0.99)."),
+        click.option("--svd", default="auto", show_default=True,
+                     type=click.Choice(["auto", "exact", "randomized"]),
+                     help="auto: exact SVD for small tensors, seeded randomized SVD above."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _lowrank(kw, required: bool = False):
+    if kw["rank"] is None and kw["energy"] is None and not required:
+        return None
+    from .lowrank import LowRank
+
+    return LowRank(rank=kw["rank"], energy=kw["energy"], svd=kw["svd"])
+
+
 @main.command()
 @click.argument("finetuned")
 @click.argument("base")
 @functools.partial(common_options, makes_vector=True)
+@lowrank_options
 @errors_to_exit
 def extract(finetuned, base, **kw):
     """Write the task vector FINETUNED − BASE to OUT.
 
     The reasoning vector is `extract GRPO_CHECKPOINT SFT_CHECKPOINT`. Inputs are local folders
     or Hub ids (org/name[@revision]). The vector is a sharded safetensors checkpoint (float32
-    unless --dtype) with provenance.json and a model card.
+    unless --dtype) with provenance.json and a model card; with --rank or --energy a low-rank
+    vector that peft loads as a LoRA adapter. FINETUNED may be a PEFT adapter: the vector is
+    then scaling·B·A per adapted tensor and zero elsewhere.
     """
     from .vectors import extract as run
 
     _setup_logging(kw["quiet"])
-    result = run(finetuned, base, kw["out"], _options(**kw), _progress_factory(kw["quiet"]))
-    _summary(result, kw["quiet"], "extract", kw["push_to_hub"], kw["private"])
+    lowrank = _lowrank(kw)
+    result = run(finetuned, base, kw["out"], _options(**kw), _progress_factory(kw["quiet"]),
+                 lowrank=lowrank)
+    _summary(result, kw["quiet"], "extract", kw["push_to_hub"], kw["private"],
+             kw["card_local_paths"])
+
+
+@main.command()
+@click.argument("vector")
+@common_options
+@lowrank_options
+@errors_to_exit
+def compress(vector, **kw):
+    """Write VECTOR (dense or low-rank) as a low-rank vector: --rank R or --energy E."""
+    from .vectors import compress as run
+
+    _setup_logging(kw["quiet"])
+    result = run(vector, kw["out"], _lowrank(kw, required=True), _options(**kw))
+    _summary(result, kw["quiet"], "compress", kw["push_to_hub"], kw["private"],
+             kw["card_local_paths"])
 
 
 def _apply_command(subtract: bool):
@@ -196,7 +256,7 @@ def _apply_command(subtract: bool):
         result = run(target, vector, kw["out"], alpha, _options(**kw),
                      _progress_factory(kw["quiet"]), subtract=subtract)
         _summary(result, kw["quiet"], "subtract" if subtract else "add", kw["push_to_hub"],
-                 kw["private"])
+                 kw["private"], kw["card_local_paths"])
 
     return command
 
@@ -248,7 +308,7 @@ def merge(manifest, dry_run, overrides, **kw):
     result = run_merge(m, kw["out"], options, _progress_factory(kw["quiet"]))
     push = m.push or {}
     _summary(result, kw["quiet"], "merge", kw["push_to_hub"] or push.get("repo_id"),
-             kw["private"] or bool(push.get("private", False)))
+             kw["private"] or bool(push.get("private", False)), kw["card_local_paths"])
 
 
 @main.command()
@@ -263,8 +323,12 @@ def merge(manifest, dry_run, overrides, **kw):
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path),
               help="Add the results in this eval.json (`mergekit-rl eval -o OUT`) to the "
                    "uploaded card's model-index; FOLDER itself is not changed.")
+@click.option("--card-local-paths", is_flag=True,
+              help="Publish absolute local paths in the card and provenance (default: folder "
+                   "names only).")
 @errors_to_exit
-def push(folder, repo_id, private, revision, create_pr, commit_message, repo_type, eval_file):
+def push(folder, repo_id, private, revision, create_pr, commit_message, repo_type, eval_file,
+         card_local_paths):
     """Upload FOLDER (a merge, vector or checkpoint) to the Hub repo REPO_ID.
 
     The repo is created if needed. Folders over 50 GB go up in several commits, and a
@@ -272,16 +336,14 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, repo_typ
     and is never printed.
     """
     _setup_logging(False)
-    readme = None
+    record = None
     if eval_file is not None:
         from .evaluation import read_record
-        from .provenance import card_with_eval
 
-        card = Path(folder) / "README.md"
-        readme = card_with_eval(card.read_text() if card.is_file() else None,
-                                read_record(eval_file), repo_id.split("/")[-1])
-    _push(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
-          commit_message=commit_message, repo_type=repo_type, readme=readme)
+        record = read_record(eval_file)
+    _push(folder, repo_id, local_paths=card_local_paths, eval_record=record, private=private,
+          revision=revision, create_pr=create_pr, commit_message=commit_message,
+          repo_type=repo_type)
 
 
 def _eval_options(fn):
@@ -429,13 +491,18 @@ def sweep(target, vector, alphas, out, save_best, **kw):
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw per-layer L2 norms to PNG.")
+@click.option("--download", is_flag=True,
+              help="For a Hub id: download the weights to compute norms (default: headers only).")
 @errors_to_exit
-def inspect(path, as_json, plot):
-    """Summarise a model or vector: tensors, dtypes, bytes, per-layer L2 norm and sparsity."""
+def inspect(path, as_json, plot, download):
+    """Summarise a model or vector: tensors, dtypes, bytes, per-layer L2 norm and sparsity.
+    A Hub id is read header-only (counts, no norms) unless --download."""
     from .inspection import inspect_checkpoint, plot_norms
 
     _setup_logging(False)
-    report = inspect_checkpoint(path)
+    report = inspect_checkpoint(path, download)
+    if report.header_only and plot:
+        raise click.UsageError("--plot needs the norms: add --download for a Hub input")
     if plot:
         plot_norms(report, plot)
     if as_json:
@@ -444,10 +511,70 @@ def inspect(path, as_json, plot):
     dtypes = ", ".join(f"{k}×{v}" for k, v in sorted(report.dtypes.items()))
     click.echo(f"{report.path} ({report.kind}): {report.tensors} tensors, "
                f"{report.params:,} parameters, {report.bytes / 1e6:.1f} MB [{dtypes}]")
+    if report.header_only:
+        click.echo("header-only (a Hub input read by range requests): no norms; --download "
+                   "computes them")
     click.echo(f"total L2 norm {report.total.l2:.6g}, sparsity {report.total.sparsity:.2%}")
     click.echo(f"{'group':<12}{'tensors':>8}{'params':>14}{'L2 norm':>14}{'sparsity':>10}")
     for g in report.groups:
         click.echo(f"{g.name:<12}{g.tensors:>8}{g.params:>14,}{g.l2:>14.6g}{g.sparsity:>10.2%}")
+    if plot:
+        click.echo(f"plot → {plot}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--init", is_flag=True, help="Also read a sample of tensors to tell whether the "
+              "models share an initialisation (reads tensor data).")
+@click.option("--allow-vocab-mismatch", is_flag=True,
+              help="Accept vocabularies that differ (as add/merge with the same flag).")
+@errors_to_exit
+def check(inputs, init, allow_vocab_mismatch):
+    """Pre-flight report: can INPUTS (the first is the target; then models, vectors or
+    adapters) be combined? From headers and configs only (Hub inputs by range requests):
+    architecture, tensors, shapes, dtypes, quantisation, tied embeddings, vocabulary,
+    tokenizer and chat template. Exit 0 when they can, 1 with the reasons."""
+    from .preflight import check as run
+
+    _setup_logging(False)
+    report = run(list(inputs), allow_vocab_mismatch, init)
+    for line in report.render():
+        click.echo(line)
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--base", help="Compare the deltas A − BASE and B − BASE of two models.")
+@click.option("--include", multiple=True, metavar="REGEX", help="Only these tensors.")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Leave these tensors out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="Draw per-layer cosine, sign agreement and norm ratio to PNG.")
+@errors_to_exit
+def compare(a, b, base, include, exclude, as_json, plot):
+    """Per-layer cosine similarity, norm ratio ‖A‖/‖B‖ and sign agreement of two vectors
+    (dense, low-rank or adapters), or with --base of two models' deltas; streamed."""
+    from .comparison import compare as run
+    from .comparison import plot_comparison
+    from .plan import Selection
+
+    _setup_logging(False)
+    c = run(a, b, base, Selection(tuple(include), tuple(exclude)))
+    if plot:
+        plot_comparison(c, plot)
+    if as_json:
+        click.echo(json.dumps(c.as_dict(), indent=2))
+        return
+    t = c.total
+    click.echo(f"{a} vs {b}" + (f" (deltas to {base})" if base else "")
+               + f": {t.tensors} tensors, {t.params:,} parameters")
+    click.echo(f"{'group':<12}{'tensors':>8}{'cosine':>10}{'‖A‖/‖B‖':>10}{'signs agree':>13}")
+    for g in [*c.groups, t]:
+        click.echo(f"{g.name:<12}{g.tensors:>8}{g.cosine:>10.4f}{g.norm_ratio:>10.4f}"
+                   f"{g.sign_agreement:>13.2%}")
     if plot:
         click.echo(f"plot → {plot}")
 

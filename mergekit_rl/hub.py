@@ -39,6 +39,13 @@ class Source:
     repo_id: str | None = None
     revision: str | None = None  # what the user asked for (branch, tag or sha)
     commit: str | None = None    # the commit it resolved to
+    # Header-only (check, inspect, merge --dry-run): `path` holds the small files; the weight
+    # files listed here are read by HTTP range requests (`remote_weights`).
+    weight_files: tuple[str, ...] | None = None
+
+    @property
+    def header_only(self) -> bool:
+        return self.weight_files is not None
 
     def record(self) -> dict:
         if self.repo_id is None:
@@ -149,18 +156,85 @@ def transient_errors() -> tuple[type[BaseException], ...]:
               for t in (m.TimeoutException, m.NetworkError, m.RemoteProtocolError)))
 
 
-def lfs_sha256(file: Path) -> str | None:
-    """The sha256 of a Hub-cached LFS file is the name of the blob it links to."""
-    blob = Path(os.path.realpath(file)).name
-    return blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
+def resolve_headers(spec: str, base: str | Path | None = None) -> Source:
+    """Like `resolve`, but a Hub repo is fetched without its weights: the config, tokenizer,
+    index, adapter config and provenance are downloaded, the safetensors headers are read by
+    range requests when the checkpoint is opened (`remote_weights`). Legacy `.bin` weights
+    have no header: those are downloaded."""
+    local = local_path(spec, base)
+    if local is not None:
+        return Source(spec, local)
+    repo_id, revision = split_hub_id(spec)  # type: ignore[misc]
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    def fetch():
+        info = HfApi().model_info(repo_id, revision=revision)
+        names = [x.rfilename for x in info.siblings or []]
+        small = list(SIDE_FILES) + EXTRA_FILES + ["*.safetensors.index.json"]
+        folder = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=small))
+        return info.sha, names, folder
+
+    looked = join_local(spec, base).resolve()
+    if constants.HF_HUB_OFFLINE:  # no range requests offline: the cache has the files or not
+        return _download(spec, repo_id, revision, looked)
+    commit, names, folder = _hub_call(spec, repo_id, revision, looked, fetch)
+    weights = tuple(n for n in weight_files(names, lambda n: _read_json(folder / n, repo_id))
+                    if n.endswith(".safetensors"))
+    if not weights:
+        log.warning("%s: no safetensors weights; downloading the legacy weights to read them",
+                    repo_id)
+        return _download(spec, repo_id, revision, looked)
+    return Source(spec, folder, repo_id, revision, commit, weight_files=weights)
 
 
-def _hub_call(spec: str, repo_id: str, revision: str | None, looked: Path, fn):
+def read_range(source: Source, filename: str, start: int, nbytes: int) -> bytes:
+    """Bytes [start, start + nbytes) of a file of a Hub source, by one HTTP range request."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(source.repo_id, filename, revision=source.commit,
+                     endpoint=constants.ENDPOINT)
+
+    def get():
+        r = get_session().get(url, headers={**build_hf_headers(),
+                                            "Range": f"bytes={start}-{start + nbytes - 1}"},
+                              follow_redirects=True)
+        hf_raise_for_status(r)
+        return r.content
+
+    data = _hub_call(source.spec, source.repo_id, source.commit, None, get)
+    if len(data) != nbytes:
+        raise HubError(f"{source.repo_id}: {filename}: asked for {nbytes} bytes at {start}, got "
+                       f"{len(data)} (the server ignored the range request?)")
+    return data
+
+
+def remote_header(source: Source, filename: str) -> bytes:
+    """The raw safetensors header of a Hub file: its 8-byte length, then the JSON."""
+    import struct
+
+    (n,) = struct.unpack("<Q", read_range(source, filename, 0, 8))
+    if n > 100 * 2**20:
+        raise HubError(f"{source.repo_id}: {filename}: a header of {n} bytes is not a "
+                       "safetensors header; the file is corrupt")
+    return read_range(source, filename, 8, n)
+
+
+def remote_weights(source: Source):
+    """A header-only `Checkpoint` of a Hub source (data, when read, by range requests)."""
+    from .checkpoint import Checkpoint
+
+    raws = {name: remote_header(source, name) for name in source.weight_files or ()}
+    return Checkpoint.from_headers(
+        source.path, raws, lambda file, start, n: read_range(source, file.name, start, n))
+
+
+def _hub_call(spec: str, repo_id: str, revision: str | None, looked: Path | None, fn):
     """Run a Hub request for `spec`; its failures become one HubError naming what was looked
-    for locally (`looked`) and why the Hub could not give it."""
+    for locally (`looked`, None when nothing was) and why the Hub could not give it."""
     from huggingface_hub import errors as hf_errors
 
-    not_local = f"{spec}: no local folder {looked}, and"
+    not_local = f"{spec}: no local folder {looked}, and" if looked is not None else f"{spec}:"
     try:
         return fn()
     except hf_errors.GatedRepoError:
@@ -184,6 +258,16 @@ def _hub_call(spec: str, repo_id: str, revision: str | None, looked: Path, fn):
         raise HubError(f"{not_local} the Hub could not be reached ({type(e).__name__}: "
                        f"{_first_line(e)}); check the path, or the network and "
                        "HF_ENDPOINT") from None
+
+
+def _read_json(path: Path, repo_id: str) -> dict:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError:
+        raise HubError(f"{repo_id}: {Path(path).name} is not valid JSON; the repository's index "
+                       "is broken") from None
 
 
 def _offline() -> bool:
@@ -225,14 +309,7 @@ def _download(spec: str, repo_id: str, revision: str | None, looked: Path) -> So
         info = HfApi().model_info(repo_id, revision=revision)
 
         def read_index(name: str) -> dict:
-            import json
-
-            path = hf_hub_download(repo_id, name, revision=info.sha)
-            try:
-                return json.loads(Path(path).read_text())
-            except ValueError:
-                raise HubError(f"{repo_id}: {name} is not valid JSON; the repository's index "
-                               "is broken") from None
+            return _read_json(hf_hub_download(repo_id, name, revision=info.sha), repo_id)
 
         weights = weight_files([s.rfilename for s in info.siblings or []], read_index)
         log.info("downloading %s@%s (%d weight files)", repo_id, info.sha, len(weights))
@@ -240,6 +317,12 @@ def _download(spec: str, repo_id: str, revision: str | None, looked: Path) -> So
         return Source(spec, Path(folder), repo_id, revision, info.sha)
 
     return _hub_call(spec, repo_id, revision, looked, fetch)
+
+
+def lfs_sha256(file: Path) -> str | None:
+    """The sha256 of a Hub-cached LFS file is the name of the blob it links to."""
+    blob = Path(os.path.realpath(file)).name
+    return blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
 
 
 # ---- publishing -------------------------------------------------------------------------------

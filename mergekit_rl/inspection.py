@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import hub
-from .checkpoint import Checkpoint
+from .adapter import Adapter, open_input
 from .errors import DependencyError
 from .plan import layer_index
 from .provenance import read_record
@@ -49,9 +49,11 @@ class Report:
     dtypes: dict[str, int]
     groups: list[GroupStats] = field(default_factory=list)
     total: GroupStats = field(default_factory=lambda: GroupStats("total"))
+    header_only: bool = False  # a Hub input read by its headers: no norms
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "kind": self.kind, "tensors": self.tensors,
+        return {"path": self.path, "kind": self.kind, "header_only": self.header_only,
+                "tensors": self.tensors,
                 "params": self.params, "bytes": self.bytes, "dtypes": self.dtypes,
                 "l2_norm": self.total.l2, "sparsity": self.total.sparsity,
                 "groups": [g.as_dict() for g in self.groups]}
@@ -75,11 +77,15 @@ def _order(group: str) -> tuple[int, int]:
     return ({"embeddings": 0, "lm_head": 3}.get(group, 2), 0)
 
 
-def inspect_checkpoint(spec: str) -> Report:
-    """Stream every floating-point tensor once and accumulate per-group statistics in fp64."""
-    source = hub.resolve(spec)
-    with Checkpoint.open(source.path) as ckpt:
+def inspect_checkpoint(spec: str, download: bool = False) -> Report:
+    """Stream every floating-point tensor once and accumulate per-group statistics in fp64. A
+    Hub input is read header-only (no norms) unless `download`."""
+    source = hub.resolve(spec) if download else hub.resolve_headers(spec)
+    weights = hub.remote_weights(source) if source.header_only else None
+    with open_input(source.path, weights) as ckpt:
         kind = read_record(source.path).get("kind", "model")
+        if isinstance(ckpt, Adapter):  # read as the dense deltas it applies
+            kind = "low-rank vector" if ckpt.lowrank else "adapter"
         dtypes: dict[str, int] = {}
         groups: dict[str, GroupStats] = {}
         total = GroupStats("total")
@@ -90,6 +96,11 @@ def inspect_checkpoint(spec: str) -> Report:
                 continue
             g = groups.setdefault(group_of(name), GroupStats(group_of(name)))
             g.tensors += 1
+            if source.header_only:  # counts only: the data stays on the Hub
+                for stats in (g, total):
+                    stats.params += math.prod(info.shape)
+                    stats.sumsq = stats.zeros = float("nan")
+                continue
             rows = info.shape[0] if info.shape else 1
             row_elems = max(math.prod(info.shape[1:]), 1) if info.shape else 1
             step = max(BLOCK_ELEMS // row_elems, 1)
@@ -104,11 +115,11 @@ def inspect_checkpoint(spec: str) -> Report:
         ordered = sorted(groups.values(), key=lambda s: _order(s.name))
         return Report(str(spec), kind, len(ckpt.tensors),
                       sum(math.prod(t.shape) for t in ckpt.tensors.values()), ckpt.total_bytes,
-                      dtypes, ordered, total)
+                      dtypes, ordered, total, header_only=source.header_only)
 
 
-def plot_norms(report: Report, out: Path) -> None:
-    """Bar chart of per-group L2 norms: the picture people look at when judging a vector."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a DependencyError saying what to install."""
     try:
         import matplotlib
 
@@ -116,6 +127,12 @@ def plot_norms(report: Report, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DependencyError("--plot needs matplotlib: pip install 'mergekit-rl[plot]'") from None
+    return plt
+
+
+def plot_norms(report: Report, out: Path) -> None:
+    """Bar chart of per-group L2 norms: the picture people look at when judging a vector."""
+    plt = pyplot()
     names = [g.name.replace("layer ", "L") for g in report.groups]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.5))
     ax.bar(names, [g.l2 for g in report.groups], color="#4C72B0")

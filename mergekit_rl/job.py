@@ -79,14 +79,21 @@ class Result:
 
 
 @contextlib.contextmanager
-def opened(sources: dict[str, hub.Source], kinds: dict[str, str] | None = None):
-    """Open every input; refuse quantised checkpoints and folders of the wrong kind (`kinds`:
-    role -> "model" or "vector") before any tensor data is read."""
+def opened(sources: dict[str, hub.Source], kinds: dict[str, str | tuple[str, ...]] | None = None,
+           refuse_quantized: bool = True):
+    """Open every input (models and dense vectors as `Checkpoint`, adapters and low-rank
+    vectors as `adapter.Adapter`); refuse quantised checkpoints and folders of the wrong kind
+    (`kinds`: role -> the kind or kinds allowed) before any tensor data is read (`check` reports
+    quantisation itself: `refuse_quantized=False`). Closed when the block ends."""
+    from .adapter import open_input
+
     ckpts: dict[str, Checkpoint] = {}
     try:
         for role, src in sources.items():
-            ckpts[role] = Checkpoint.open(src.path)
-            check_not_quantized(ckpts[role])
+            weights = hub.remote_weights(src) if src.header_only else None
+            ckpts[role] = open_input(src.path, weights)
+            if refuse_quantized and isinstance(ckpts[role], Checkpoint):
+                check_not_quantized(ckpts[role])
             if kinds and role in kinds:
                 check_kind(ckpts[role], src.spec, kinds[role], role)
         yield ckpts
@@ -95,12 +102,15 @@ def opened(sources: dict[str, hub.Source], kinds: dict[str, str] | None = None):
             c.close()
 
 
-def check_kind(ckpt: Checkpoint, spec: str, expected: str, role: str) -> None:
+def check_kind(ckpt, spec: str, expected: str | tuple[str, ...], role: str) -> None:
     """Refuse a model where a task vector belongs, a vector where a model is differenced, and
-    a PEFT adapter where a model belongs; folders of unknown kind pass."""
+    a PEFT adapter where a model belongs (unless `expected` allows it); folders of unknown kind
+    pass. A vector slot also takes adapters (our low-rank vectors are PEFT adapters)."""
+    allowed = (expected,) if isinstance(expected, str) else expected
     kind = checkpoint_kind(ckpt)
-    if kind is None or kind == expected or (expected == "vector" and kind == "adapter"):
+    if kind is None or kind in allowed or ("vector" in allowed and kind == "adapter"):
         return
+    expected = allowed[0]
     if expected == "vector":
         raise CheckpointError(
             f"{spec}: is a model, not a task vector (the {role}); make the vector first with "

@@ -36,10 +36,13 @@ from .overrides import apply_override, override_for, override_message, read_yaml
 from .plan import parse_dtype
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-           "breadcrumbs_ties", "linear")
+           "breadcrumbs_ties", "della", "della_linear", "linear", "slerp", "model_stock")
 MERGEKIT_METHODS = METHODS
-GLOBAL_PARAMS = ("lambda", "normalize", "density", "seed", "gamma", "weight", "rescale")
-TERM_PARAMS = ("weight", "density", "gamma")
+# Methods on the models themselves (no deltas), and how many models besides the target.
+MODEL_METHODS = {"linear": 1, "slerp": 1, "model_stock": 2}
+GLOBAL_PARAMS = ("lambda", "normalize", "density", "seed", "gamma", "weight", "rescale",
+                 "epsilon", "t", "filter_wise")
+TERM_PARAMS = ("weight", "density", "gamma", "epsilon")
 # mergekit parameters that change nothing here: accepted with an info line.
 NO_OP_PARAMS = {
     "int8_mask": "mergekit keeps the TIES sign mask as int8 to save memory; the result is the "
@@ -113,6 +116,7 @@ class Manifest:
     push: dict | None = None
     style: str = "mergekit_rl"   # or "mergekit"
     notes: tuple[str, ...] = ()  # what was accepted and ignored (info lines)
+    layer_range: tuple[int, int] | None = None  # mergekit `slices`: must span every layer
 
     def term_param(self, term: Term, key: str, name: str, t: float, default: Any) -> Any:
         """Term-level setting, then the global one, then the default (mergekit's order)."""
@@ -136,6 +140,7 @@ class _Checker:
         self.source = source
         self.folder = source.parent if source else Path.cwd()
         self.notes: list[str] = []
+        self.mergekit = False
 
     def fail(self, path: str, msg: str):
         where = f"{self.source}: " if self.source else ""
@@ -204,7 +209,7 @@ class _Checker:
                                   f"({NO_OP_PARAMS[key]})")
             elif key == "rescale" and value in ("l1", "density"):
                 out[key] = value  # DARE: mergekit's L1-preserving factor or the paper's 1/p
-            elif key == "normalize" or key == "rescale":
+            elif key in ("normalize", "rescale", "filter_wise"):
                 out[key] = self.setting(value, f"{path}.{key}", "bool")
             elif key == "seed":
                 if not isinstance(value, int) or isinstance(value, bool):
@@ -304,10 +309,11 @@ def _from_ours(raw: dict, c: _Checker) -> Manifest:
         else:
             inputs = (c.model_ref(t[kinds[0]], f"{p}.{kinds[0]}"),)
         params = c.params({k: v for k, v in t.items() if k in TERM_PARAMS}, p, TERM_PARAMS)
-        if method == "linear" and kinds[0] != "model":
-            c.fail(p, "the linear method averages models: give `model:` terms")
+        if method in MODEL_METHODS and kinds[0] != "model":
+            c.fail(p, f"the {method} method combines models: give `model:` terms")
         terms.append(Term(kinds[0], inputs, params))
     params = c.params(raw.get("parameters"), "parameters", GLOBAL_PARAMS)
+    _check_model_method(c, method, terms, params)
     push = raw.get("push")
     if push is not None:
         c.mapping(push, "push", ("repo_id", "private", "revision"), ("repo_id",))
@@ -323,16 +329,64 @@ def _from_ours(raw: dict, c: _Checker) -> Manifest:
         push=push, notes=tuple(c.notes))
 
 
-MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                 "tokenizer_source", "name")
-MERGEKIT_UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template")
+MERGEKIT_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
+                 "out_dtype", "tokenizer_source", "name")
+MERGEKIT_UNSUPPORTED = ("modules", "tokenizer", "chat_template")
+
+
+def _check_model_method(c: _Checker, method: str, terms: list, params: dict) -> None:
+    """slerp takes one model besides the target and needs t; model_stock two or more."""
+    if method not in ("slerp", "model_stock"):
+        return
+    need = MODEL_METHODS[method]
+    if (method == "slerp" and len(terms) != 1) or len(terms) < need:
+        c.fail("models" if c.mergekit else "terms",
+               f"{method} needs {'exactly one model' if method == 'slerp' else 'two or more'}"
+               " besides the base")
+    if method == "slerp" and "t" not in params:
+        c.fail("parameters.t", "slerp needs t (0 = the base, 1 = the other model): a number, "
+               "a layer gradient or a list of filters")
+
+
+def _from_slices(raw: dict, c: _Checker) -> tuple[list, tuple[int, int]]:
+    """mergekit's `slices` for the common case, one slice whose sources all span the same
+    layers: the same as `models:`. The layer range is checked against the models later."""
+    slices = raw["slices"]
+    if not isinstance(slices, list) or len(slices) != 1:
+        c.fail("slices", "only one slice over every layer is supported (layer stacking and "
+                         "passthrough merges are not); or use `models:`")
+    c.mapping(slices[0], "slices[0]", ("sources",), ("sources",))
+    sources = slices[0]["sources"]
+    if not isinstance(sources, list) or not sources:
+        c.fail("slices[0].sources", "expected a non-empty list of {model, layer_range}")
+    ranges = set()
+    for i, src in enumerate(sources):
+        p = f"slices[0].sources[{i}]"
+        c.mapping(src, p, ("model", "layer_range", "parameters"), ("model", "layer_range"))
+        lr = src["layer_range"]
+        if (not isinstance(lr, list) or len(lr) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in lr) or lr[0] >= lr[1]):
+            c.fail(f"{p}.layer_range", "expected [first, end) layer indices, e.g. [0, 28]")
+        ranges.add(tuple(lr))
+    if len(ranges) != 1 or next(iter(ranges))[0] != 0:
+        c.fail("slices[0].sources", "every source must span the same layers from 0 (layer "
+                                    "ranges that differ are frankenmerges, not supported)")
+    models = [{k: v for k, v in src.items() if k != "layer_range"} for src in sources]
+    return models, next(iter(ranges))
 
 
 def _from_mergekit(raw: dict, c: _Checker) -> Manifest:
     for key in raw:
         if key in MERGEKIT_UNSUPPORTED:
             c.fail(key, "this mergekit feature is not supported by mergekit-rl; use `models:`")
-    c.mapping(raw, "", MERGEKIT_KEYS, ("merge_method", "models"))
+    c.mergekit = True
+    c.mapping(raw, "", MERGEKIT_KEYS, ("merge_method",))
+    if ("models" in raw) == ("slices" in raw):
+        c.fail("models", "give exactly one of `models` or `slices`")
+    layer_range = None
+    if "slices" in raw:
+        raw = dict(raw)
+        raw["models"], layer_range = _from_slices(raw, c)
     method = raw["merge_method"]
     if method not in MERGEKIT_METHODS:
         c.fail("merge_method", f"{method!r} is not supported; supported: "
@@ -351,7 +405,8 @@ def _from_mergekit(raw: dict, c: _Checker) -> Manifest:
         params = c.params(m.get("parameters"), f"{p}.parameters", TERM_PARAMS)
         if method != "linear" and ref == base_ref:
             continue  # mergekit: the base model contributes no delta
-        if "weight" not in params and "weight" not in (raw.get("parameters") or {}):
+        if ("weight" not in params and "weight" not in (raw.get("parameters") or {})
+                and method not in ("slerp", "model_stock")):
             c.fail(f"{p}.parameters.weight", "missing; mergekit requires a weight per model")
         terms.append(Term("model", (ref,), params))
     if method == "linear" and base_ref is None:
@@ -365,11 +420,12 @@ def _from_mergekit(raw: dict, c: _Checker) -> Manifest:
     if tok == "union":
         c.fail("tokenizer_source", "'union' is not supported; use 'base' or a model")
     params = c.params(raw.get("parameters"), "parameters", GLOBAL_PARAMS)
+    _check_model_method(c, method, terms, params)
     return Manifest(
         source=c.source, target=base_ref, method=method, terms=tuple(terms), params=params,
         out_dtype=c.dtype(out_dtype, "out_dtype"),
         tokenizer_source=None if tok in (None, "base") else c.model_ref(tok, "tokenizer_source"),
-        style="mergekit", notes=tuple(c.notes))
+        style="mergekit", notes=tuple(c.notes), layer_range=layer_range)
 
 
 def to_dict(m: Manifest) -> dict:

@@ -4,7 +4,8 @@ The target's tensors are the output's. For each one the planner gathers the same
 every term's inputs (a vector, a `plus − minus` pair computed on the fly, or a model whose delta
 to the target is taken), the manifest's settings are evaluated for that tensor (per-layer
 gradients, regex/substring conditions), and the method combines the deltas:
-`θ = θ_target + λ·merge(τ_1..τ_n)` — or Σ w_i θ_i for `linear`.
+`θ = θ_target + λ·merge(τ_1..τ_n)` — or, on the models themselves, Σ w_i θ_i for `linear`,
+`slerp(t; θ_target, θ_1)` and `model_stock(θ_target; θ_1..θ_n)`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import torch
 import yaml
 
 from . import engine, hub, provenance
+from .adapter import Adapter, covered_only, prepare_adapter
 from .checkpoint import TOKENIZER_FILES, Checkpoint, copy_side_files, parse_size
-from .errors import ConfigError
+from .errors import ConfigError, MismatchError
 from .job import Options, ProgressFactory, Result, execute, opened
-from .manifest import Cond, Manifest, Term, to_dict
-from .maths import merge_methods
+from .manifest import MODEL_METHODS, Cond, Manifest, Term, to_dict
+from .maths import geometric, merge_methods
 from .output import check_output
 from .plan import Plan, Selection, embed_name, layer_index, plan_combine
+from .tokenizer_id import check_vector_donors
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,15 @@ class TensorParams:
     gammas: tuple[float, ...]
     rescale: bool | str | None  # None: the method's mergekit default
     seed: int
+    epsilons: tuple[float, ...] = ()
+    t: float | None = None       # slerp
+    filter_wise: bool = False    # model_stock
 
 
 def resolve_params(m: Manifest, name: str, t: float) -> TensorParams:
-    normalize = m.global_param("normalize", name, t, merge_methods.DEFAULT_NORMALIZE[m.method])
+    normalize = m.global_param("normalize", name, t,
+                               merge_methods.DEFAULT_NORMALIZE.get(m.method, False))
+    slerp_t = m.global_param("t", name, t, None)
     return TensorParams(
         weights=tuple(float(m.term_param(term, "weight", name, t, 1.0)) for term in m.terms),
         densities=tuple(float(m.term_param(term, "density", name, t, 1.0)) for term in m.terms),
@@ -69,6 +77,9 @@ def resolve_params(m: Manifest, name: str, t: float) -> TensorParams:
         gammas=tuple(float(m.term_param(term, "gamma", name, t, 0.01)) for term in m.terms),
         rescale=m.global_param("rescale", name, t, None),
         seed=int(m.params.get("seed", 0)),
+        epsilons=tuple(float(m.term_param(term, "epsilon", name, t, 0.15)) for term in m.terms),
+        t=None if slerp_t is None else float(slerp_t),
+        filter_wise=bool(m.global_param("filter_wise", name, t, False)),
     )
 
 
@@ -79,7 +90,7 @@ def compute_fn(m: Manifest, params: dict[str, TensorParams]) -> engine.ComputeFn
         p = params[item.name]
         x = {role: t.to(torch.float32) for role, t in x.items()}  # methods work in fp32
         base = x["target"]
-        present, weights, dens, gammas, seeds = [], [], [], [], []
+        present, weights, dens, gammas, seeds, epsilons = [], [], [], [], [], []
         for i, term in enumerate(m.terms):
             roles = term_roles(i, term)
             if not all(r in x for r in roles):
@@ -88,29 +99,35 @@ def compute_fn(m: Manifest, params: dict[str, TensorParams]) -> engine.ComputeFn
             # the same rounding as `a - b`.
             if term.kind == "pair":
                 present.append(x[roles[0]].sub_(x[roles[1]]))
-            elif term.kind == "model" and m.method != "linear":
+            elif term.kind == "model" and m.method not in MODEL_METHODS:
                 present.append(x[roles[0]].sub_(base))
             else:
                 present.append(x[roles[0]])
             weights.append(p.weights[i])
             dens.append(p.densities[i])
             gammas.append(p.gammas[i])
+            epsilons.append(p.epsilons[i])
             seeds.append(merge_methods.tensor_seed(p.seed, item.name, i))
         if m.method == "linear":
             return merge_methods.linear(present, weights, normalize=p.normalize)
+        if m.method == "slerp":
+            return geometric.slerp(p.t, base, present[0])
+        if m.method == "model_stock":
+            return geometric.model_stock(base, present, filter_wise=p.filter_wise)
         merged = merge_methods.merge_deltas(present, weights, method=m.method, densities=dens,
                                       normalize=p.normalize, gamma=gammas, rescale=p.rescale,
-                                      seeds=seeds)
+                                      seeds=seeds, epsilon=epsilons)
         return merge_methods.apply_merged(base, merged, p.lam, inplace=True)  # merged is ours
 
     return fn
 
 
-def _sources(m: Manifest) -> dict[str, hub.Source]:
-    sources = {"target": hub.resolve(m.target)}
+def _sources(m: Manifest, header_only: bool = False) -> dict[str, hub.Source]:
+    resolve = hub.resolve_headers if header_only else hub.resolve
+    sources = {"target": resolve(m.target)}
     for i, term in enumerate(m.terms):
         for role, spec in zip(term_roles(i, term), term.inputs):
-            sources[role] = hub.resolve(spec)
+            sources[role] = resolve(spec)
     return sources
 
 
@@ -132,18 +149,33 @@ def kinds(m: Manifest) -> dict[str, str]:
 
 def _plan(m: Manifest, ckpts: dict[str, Checkpoint], options: Options
           ) -> tuple[Plan, dict[str, TensorParams]]:
-    excluded = {}
+    excluded, no_alias, notes = {}, set(), []
+    target = ckpts["target"]
     for i, term in enumerate(m.terms):
         if term.kind == "vector":
             role = term_roles(i, term)[0]
-            excluded[role] = frozenset(provenance.read_record(ckpts[role].path).get("excluded", ()))
+            vector = ckpts[role]
+            if isinstance(vector, Adapter) and not vector.lowrank:
+                if vector.full:
+                    raise MismatchError(f"{vector.path}: carries full weights "
+                                        f"({sorted(vector.full)[0]}, ...), not only deltas; "
+                                        "extract it against its base and merge that vector")
+                notes += prepare_adapter(vector, target, "target")
+                no_alias.add(role)
+            excluded[role] = covered_only(vector, target)
+            notes += check_vector_donors(provenance.read_record(vector.path), target.path,
+                                         options.allow_vocab_mismatch)
     inputs = {r: c for r, c in ckpts.items() if r != "target"}
-    plan = plan_combine(ckpts["target"], inputs, selection(m, options),
+    plan = plan_combine(target, inputs, selection(m, options),
                         options.out_dtype, options.allow_vocab_mismatch, excluded,
-                        what=f"cannot merge {m.source or 'manifest'}")
-    target = ckpts["target"]
+                        what=f"cannot merge {m.source or 'manifest'}", no_alias=frozenset(no_alias))
+    plan.notes[:0] = notes
     layers = target.config().get("num_hidden_layers") or 1 + max(
         (i for n in target.tensors if (i := layer_index(n)) is not None), default=0)
+    if m.layer_range is not None and tuple(m.layer_range) != (0, layers):
+        raise ConfigError(f"{m.source}: slices layer_range {list(m.layer_range)} does not span "
+                          f"the models' {layers} layers [0, {layers}]; only a slice over every "
+                          "layer is supported")
     embed = embed_name(target)
     params = {}
     for item in plan.items:
@@ -233,6 +265,10 @@ def run_merge(m: Manifest, out: Path | None, options: Options = Options(),
 def formula(m: Manifest) -> str:
     if m.method == "linear":
         return "Σ_i w_i·θ_i" + (" / Σ_i w_i" if m.params.get("normalize", True) else "")
+    if m.method == "slerp":
+        return "slerp(t; target, model0)"
+    if m.method == "model_stock":
+        return f"model_stock(target; {', '.join(f'model{i}' for i in range(len(m.terms)))})"
     parts = []
     for i, t in enumerate(m.terms):
         parts.append(f"w{i}·(plus{i} − minus{i})" if t.kind == "pair" else
@@ -242,11 +278,19 @@ def formula(m: Manifest) -> str:
 
 def dry_run(m: Manifest, options: Options = Options(), out: Path | None = None
             ) -> Iterator[str]:
-    """Describe the plan: inputs, output, tensors, bytes, peak memory, what each override
-    touches."""
+    """The pre-flight report of `check` (Hub inputs read header-only), then the plan: inputs,
+    output, tensors, bytes, peak memory, what each override touches. Raises after the report
+    when the inputs cannot be combined."""
+    from .preflight import check_sources
+
     options = options_for(m, options)
     target = out or m.out_path
-    sources = _sources(m)
+    sources = _sources(m, header_only=True)
+    report = check_sources(sources, kinds(m), options.allow_vocab_mismatch)
+    yield from report.render()
+    if not report.ok:
+        raise MismatchError(f"dry run: {m.source or 'the manifest'}: the inputs cannot be "
+                            "combined (problems above); nothing was written")
     with opened(sources, kinds(m)) as ckpts:
         plan, params = _plan(m, ckpts, options)
         yield f"method: {m.method}   formula: {formula(m)}"

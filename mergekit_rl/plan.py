@@ -270,21 +270,61 @@ def plan_extract(finetuned: Checkpoint, base: Checkpoint, selection: Selection,
     return Plan(items, notes, excluded)
 
 
+def plan_adapter_extract(adapter, base: Checkpoint, selection: Selection,
+                         out_dtype: torch.dtype | None) -> Plan:
+    """The dense vector of an adapter: s·B·A where it adapts a tensor, (full weight − base)
+    where it carries a full weight (modules_to_save), zero elsewhere; every float tensor of
+    the base. Roles: "adapter", "base", "zero" (an `adapter.Zeros` of the base), "merged" (an
+    `adapter.Merged`: peft's saved copy of the layer plus its delta)."""
+    dtype = out_dtype or torch.float32
+    problems = _Problems(f"cannot extract adapter {adapter.path} against base {base.path}")
+    problems.extra += sorted(n for n in {*adapter.tensors, *adapter.copies} if n not in base)
+    items, excluded = [], []
+    for name, info in base.tensors.items():
+        if not info.is_float:
+            continue
+        if not selection.selects(name):
+            excluded.append(name)
+            continue
+        mine = adapter.tensors.get(name)
+        if name in adapter.copies:  # peft loads its copy: merged − base = copy + Δ − base
+            items.append(Item(name, info.shape, dtype, (("merged", name), ("base", name))))
+            continue
+        if mine is None:
+            items.append(Item(name, info.shape, dtype, (("zero", name),)))
+            continue
+        if mine.shape != info.shape:
+            problems.other.append(f"{name} has shape {list(mine.shape)} in the adapter but "
+                                  f"{list(info.shape)} in the base (is it the adapter's base?)")
+        full = name in adapter.full
+        items.append(Item(name, info.shape, dtype,
+                          (("adapter", name),) + ((("base", name),) if full else ())))
+    if problems.extra:
+        problems.other.append("the base lacks tensors the adapter changes: is it the "
+                              "adapter's base model?")
+    problems.raise_if_any()
+    return Plan(items, [], excluded)
+
+
 def plan_apply(target: Checkpoint, vector: Checkpoint, selection: Selection,
                out_dtype: torch.dtype | None, allow_vocab: bool = False,
-               vector_excluded: frozenset[str] = frozenset()) -> Plan:
+               vector_excluded: frozenset[str] = frozenset(), alias_tied: bool = True) -> Plan:
     """Output = target + α·vector; the output has exactly the target's tensors, in its order."""
     return plan_combine(target, {"vector": vector}, selection, out_dtype, allow_vocab,
                         {"vector": vector_excluded},
-                        what=f"cannot apply vector {vector.path} to {target.path}")
+                        what=f"cannot apply vector {vector.path} to {target.path}",
+                        no_alias=frozenset() if alias_tied else frozenset({"vector"}))
 
 
 def plan_combine(target: Checkpoint, inputs: dict[str, Checkpoint], selection: Selection,
                  out_dtype: torch.dtype | None, allow_vocab: bool = False,
-                 excluded: dict[str, frozenset[str]] | None = None, what: str = "") -> Plan:
+                 excluded: dict[str, frozenset[str]] | None = None, what: str = "",
+                 no_alias: frozenset[str] = frozenset()) -> Plan:
     """Output tensors = the target's, each computed from the target and the same tensor of every
     input (vectors or models). Tensors outside the mask and integer tensors are copied; a vector
-    that lacks a tensor because it was masked out at extraction does not take part in it."""
+    that lacks a tensor because it was masked out at extraction does not take part in it.
+    Roles in `no_alias` (PEFT adapters): an input without lm_head leaves lm_head alone instead
+    of lending it its embedding delta (it did not come from a tied pair, it did not adapt it)."""
     problems = _Problems(what or f"cannot combine {', '.join(str(c.path) for c in inputs.values())}"
                          f" with {target.path}")
     excluded = excluded or {}
@@ -297,7 +337,8 @@ def plan_combine(target: Checkpoint, inputs: dict[str, Checkpoint], selection: S
 
     def source_name(role: str, name: str) -> str:
         ckpt, (_, emb) = inputs[role], heads[role]
-        if name == t_head and emb and (target_tied or name not in ckpt):
+        if name == t_head and emb and (target_tied or (role not in no_alias and
+                                                       name not in ckpt)):
             if not target_tied:
                 notes.append(f"{ckpt.path} has no {name} (tied): applying its {emb} to {name} "
                              "too" if many else f"the vector has no {name} (it came from a tied "

@@ -7,9 +7,15 @@ command. Tokens never reach a record: only paths, ids and revisions are written.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import os
 import platform
+import re
+import shlex
+import shutil
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -18,6 +24,7 @@ import yaml
 
 from .checkpoint import Checkpoint
 from .hub import Source, lfs_sha256
+from .tokenizer_id import fingerprint
 
 RECORD_NAME = "provenance.json"
 
@@ -35,9 +42,43 @@ def input_record(role: str, source: Source, ckpt: Checkpoint, full_hash: bool) -
         sha = lfs_sha256(file) if source.repo_id else None
         if sha:
             rec["sha256"] = sha
-    return {"role": role, **source.record(), "files": files,
-            "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values()}),
-            "tensors": len(ckpt.tensors)}
+    out = {"role": role, **source.record(), "files": files,
+           "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values()}),
+           "tensors": len(ckpt.tensors)}
+    lineage = hub_lineage(source)
+    if lineage:
+        out["lineage"] = lineage
+    tokenizer = fingerprint(source.path)
+    if tokenizer:
+        out["tokenizer"] = tokenizer
+    return out
+
+
+_CACHE_FOLDER = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/([0-9a-f]{40})(?:/|$)")
+
+
+def hub_lineage(source: Source | str | Path) -> list[str]:
+    """The Hub ids a local input descends from, as a card's `base_model` names them: the repo
+    itself for a Hub input or a folder of a huggingface_hub cache
+    (`models--org--name/snapshots/<commit>`); else the `base_model` of its card (our trainers'
+    outputs, any Hub model); else the lineage its provenance records (our vectors, merges)."""
+    if isinstance(source, Source):
+        if source.repo_id:
+            return [source.repo_id]
+        path = source.path
+    else:
+        path = Path(source)
+    m = _CACHE_FOLDER.search(Path(path).expanduser().resolve().as_posix())
+    if m:
+        return [f"{m.group(1)}/{m.group(2)}"]
+    meta = _front_matter(Path(path))
+    base = meta.get("base_model")
+    if base:
+        return [str(b) for b in (base if isinstance(base, list) else [base])]
+    found: list[str] = []
+    for rec in read_record(Path(path)).get("inputs", []):
+        found += [rec["repo_id"]] if rec.get("repo_id") else rec.get("lineage", [])
+    return list(dict.fromkeys(found))
 
 
 def build_record(kind: str, formula: str, inputs: list[dict], *, command: str,
@@ -71,55 +112,84 @@ def write_record(folder: Path, record: dict) -> None:
 
 
 def _input_line(rec: dict) -> str:
-    where = (f"`{rec['repo_id']}` @ `{rec.get('commit') or rec.get('revision')}`"
-             if rec.get("repo_id") else f"`{rec['path']}`")
+    if rec.get("repo_id"):
+        where = f"`{rec['repo_id']}` @ `{rec.get('commit') or rec.get('revision')}`"
+    else:
+        where = f"`{rec['path']}`"
+        if rec.get("lineage"):
+            where += f" (from {', '.join(f'`{x}`' for x in rec['lineage'])})"
     hashes = ", ".join(
         f"{f['file']} {'sha256' if 'sha256' in f else 'header sha256'} "
         f"`{(f.get('sha256') or f.get('header_sha256', ''))[:12]}`" for f in rec.get("files", []))
     return f"- **{rec['role']}**: {where}" + (f" ({hashes})" if hashes else "")
 
 
-def card_license(folder: Path) -> str | None:
-    """The `license` in a model folder's README front matter, when it has one."""
+def _front_matter(folder: Path) -> dict:
     readme = Path(folder) / "README.md"
     if not readme.is_file():
-        return None
+        return {}
     text = readme.read_text(errors="replace")
     if not text.startswith("---"):
-        return None
+        return {}
     try:
         meta = yaml.safe_load(text.split("---", 2)[1]) or {}
     except (yaml.YAMLError, IndexError):
-        return None
-    value = meta.get("license") if isinstance(meta, dict) else None
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def card_license(folder: Path) -> str | None:
+    """The `license` in a model folder's README front matter, when it has one."""
+    value = _front_matter(folder).get("license")
     return str(value) if value else None
 
 
-def write_card(folder: Path, record: dict, tags: list[str], license: str | None = None) -> None:
-    """A model card with Hub front matter, the recipe and how to use the result."""
+def write_card(folder: Path, record: dict, tags: list[str], license: str | None = None,
+               repo_id: str | None = None, local_paths: bool = True) -> None:
+    """A model card with Hub front matter (base_model from the inputs' Hub lineage), the
+    recipe and how to use the result; `repo_id` names the result in the usage snippet (a
+    push), and without `local_paths` inputs and the command show folder names only."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    hub_ids = list(dict.fromkeys(r["repo_id"] for r in record["inputs"] if r.get("repo_id")))
-    data = ModelCardData(library_name="transformers", tags=["mergekit-rl", *tags],
-                         base_model=hub_ids or None, license=license,
-                         base_model_relation="merge" if record["kind"] == "model" and hub_ids
-                         else None)
-    title = "Task vector" if record["kind"] == "vector" else "Merged model"
+    if not local_paths:
+        record = public_record(record)
+    hub_ids = list(dict.fromkeys(x for r in record["inputs"] for x in (
+        [r["repo_id"]] if r.get("repo_id") else r.get("lineage", []))))
+    lowrank = record.get("format") == "peft-lora"
+    data = ModelCardData(library_name="peft" if lowrank else "transformers",
+                         tags=["mergekit-rl", *tags], base_model=hub_ids or None,
+                         license=license, base_model_relation="merge"
+                         if record["kind"] == "model" and hub_ids else None)
+    title = ("Low-rank task vector" if lowrank else "Task vector") if record["kind"] == "vector" \
+        else "Merged model"
     lines = [f"# {title} made with mergekit-rl", "",
              f"Formula: `{record['formula']}` (fp32 arithmetic, written as "
              f"{record['out_dtype']}).", "", "## Inputs", ""]
     lines += [_input_line(r) for r in record["inputs"]]
     if record["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in record["notes"]]
+    if lowrank:
+        lines += _lowrank_lines(record["lowrank"])
     lines += ["", "## Recipe", "", "```", record["command"], "```", ""]
-    if record["kind"] == "vector":
+    me = repo_id or "THIS_FOLDER"
+    base = hub_ids[0] if hub_ids else "BASE_MODEL"
+    if lowrank:
+        lines += ["## Usage", "", "A LoRA adapter for peft (the factored tensors), or a vector "
+                  "for mergekit-rl (all of it, including the dense deltas in "
+                  "`mergekit_rl_dense.safetensors` that peft ignores):", "", "```python",
+                  "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+                  f'model = AutoModelForCausalLM.from_pretrained("{base}")',
+                  f'model = PeftModel.from_pretrained(model, "{me}").merge_and_unload()', "```",
+                  "", "```", f"mergekit-rl add TARGET_MODEL {me} -o OUT --alpha 1.0", "```", ""]
+    elif record["kind"] == "vector":
         lines += ["## Usage", "", "This folder is a task vector, not a model. Apply it to a "
                   "model with the same architecture, tensor names and tokenizer:", "", "```",
-                  "mergekit-rl add TARGET_MODEL THIS_VECTOR -o OUT --alpha 1.0", "```", ""]
+                  f"mergekit-rl add TARGET_MODEL {me} -o OUT --alpha 1.0", "```", ""]
     else:
+        name = f'"{repo_id}"' if repo_id else "PATH_OR_REPO"
         lines += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, "
-                  "AutoTokenizer", "model = AutoModelForCausalLM.from_pretrained(PATH_OR_REPO)",
-                  "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)", "```", ""]
+                  "AutoTokenizer", f"model = AutoModelForCausalLM.from_pretrained({name})",
+                  f"tokenizer = AutoTokenizer.from_pretrained({name})", "```", ""]
     lines += ["Provenance (file fingerprints, tool version): `provenance.json`.", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     card.save(folder / "README.md")
@@ -175,3 +245,84 @@ def update_card_file(folder: Path, record: dict) -> Path:
     tmp.write_text(new)
     os.replace(tmp, readme)
     return readme
+def _lowrank_lines(summary: dict) -> list[str]:
+    how = f"rank {summary['rank']}" if summary.get("rank") else \
+        f"the smallest rank keeping {summary['energy']:.4g} of each tensor's energy"
+    lines = ["", "## Low rank", "",
+             f"Each 2-D delta is a truncated SVD ({how}; SVD `{summary['svd']}`, seed "
+             f"{summary['seed']}). Size {summary['bytes'] / 1e6:.3g} MB against "
+             f"{summary['dense_bytes'] / 1e6:.3g} MB dense ({summary['ratio']:.1%}).", "",
+             "| group | tensors | rank | energy kept |", "|---|---|---|---|"]
+    for g in summary["layers"]:
+        rank = str(g["min_rank"]) if g["min_rank"] == g["max_rank"] else \
+            f"{g['min_rank']}–{g['max_rank']}"
+        lines.append(f"| {g['group']} | {g['tensors']} | {rank} | {g['energy']:.4f} |")
+    return lines
+
+
+def public_command(command: str) -> str:
+    """The command with local paths shortened to their last component (for publishing)."""
+    from .hub import local_path
+
+    words = []
+    for word in shlex.split(command):
+        path = local_path(word) if "/" in word and not word.startswith("-") else None
+        words.append(path.name if path is not None else word)
+    return shlex.join(words)
+
+
+def public_record(record: dict) -> dict:
+    """The record with local input paths shortened to folder names (for publishing)."""
+    out = json.loads(json.dumps(record))
+    for rec in out.get("inputs", []):
+        if "path" in rec:
+            full, rec["path"] = rec["path"], Path(rec["path"]).name
+            out["notes"] = [n.replace(full, rec["path"]) for n in out.get("notes", [])]
+    out["command"] = public_command(out.get("command", ""))
+    return out
+
+
+@contextlib.contextmanager
+def staged_for_push(folder: Path, repo_id: str, local_paths: bool = False):
+    """The folder as it is published: a sibling of links to its files whose card names the
+    repo in its usage and, unless `local_paths`, whose card and provenance show folder names
+    instead of absolute paths. A folder without our provenance record is pushed as it is."""
+    folder = Path(folder)
+    record = read_record(folder)
+    if not record.get("inputs") or not folder.is_dir():
+        yield folder
+        return
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.push-", dir=folder.parent))
+    try:
+        for root, _, names in os.walk(folder):
+            rel = Path(root).relative_to(folder)
+            (stage / rel).mkdir(parents=True, exist_ok=True)
+            for name in names:
+                if rel == Path(".") and name in ("README.md", RECORD_NAME):
+                    continue
+                os.symlink(Path(root, name).resolve(), stage / rel / name)
+        shown = record if local_paths else public_record(record)
+        write_record(stage, shown)
+        tags = [t for t in _front_matter(folder).get("tags", []) if t != "mergekit-rl"]
+        write_card(stage, shown, tags, card_license(folder), repo_id=repo_id,
+                   local_paths=True)
+        _keep_eval_results(folder / "README.md", stage / "README.md")
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _keep_eval_results(local: Path, published: Path) -> None:
+    """Evaluation results a local card holds (`eval --update-card`) stay on the published one."""
+    from huggingface_hub import ModelCard
+
+    if not local.is_file():
+        return
+    results = ModelCard(local.read_text()).data.eval_results
+    if not results:
+        return
+    card = ModelCard(published.read_text())
+    card.data.eval_results = results
+    card.data.model_name = card.data.model_name or ModelCard(local.read_text()).data.model_name \
+        or local.parent.name
+    card.save(published)

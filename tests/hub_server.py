@@ -142,6 +142,7 @@ class FakeHub:
     `repos`: `"model/org/name"` -> `Repo`; `requests`: `(method, raw path with query, headers with
     lower-case names)`; `fail_plan`: `{(method, path_regex): status | (status, times[, code])}`,
     i.e. `fail_next` calls made up front. With `token=None` every request counts as authenticated.
+    `served`: bytes sent per file path by GET /resolve (honouring `Range: bytes=a-b`, `a-`, `-n`).
     """
 
     LFS_SUFFIXES = (".safetensors", ".bin")
@@ -152,6 +153,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, uploaded through the PUT
         self.requests: list[tuple[str, str, dict]] = []
+        self.served: dict[str, int] = {}  # "org/name/file" -> bytes of it sent by GET resolve
         self.endpoint: str | None = None
         self._announced: dict[str, int] = {}  # sha256 -> size announced to the batch endpoint
         self._failures: list[list] = []
@@ -539,13 +541,24 @@ class _Handler(BaseHTTPRequestHandler):
         if blob.lfs:
             headers |= {"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": len(blob.data)}
         data, status = blob.data, 200
-        if self.command == "GET" and (m := re.fullmatch(r"bytes=(\d+)-(\d*)",
+        if self.command == "GET" and (m := re.fullmatch(r"bytes=(\d*)-(\d*)",
                                                          self.headers.get("Range", ""))):
-            start, end = int(m.group(1)), min(int(m.group(2) or len(data) - 1), len(data) - 1)
-            if start >= len(data):
+            if m.group(1):  # bytes=a-b, bytes=a-
+                start = int(m.group(1))
+                end = min(int(m.group(2) or len(data) - 1), len(data) - 1)
+            elif m.group(2):  # bytes=-n: the last n bytes
+                start, end = max(len(data) - int(m.group(2)), 0), len(data) - 1
+            else:
                 raise HubError(416, "Range not satisfiable")
+            if start >= len(data) or end < start:
+                raise HubError(416, "Range not satisfiable",
+                               headers={"Content-Range": f"bytes */{len(data)}"})
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             data, status = data[start:end + 1], 206
+        if self.command == "GET":  # what a client read of each file: header-only tests count it
+            with self.hub._lock:
+                key = f"{ns}/{name}/{path}"
+                self.hub.served[key] = self.hub.served.get(key, 0) + len(data)
         return status, data, headers
 
 

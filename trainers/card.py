@@ -35,20 +35,22 @@ def write_training_card(directory: Path, config, config_dict: dict, state: dict)
     """README.md in `directory` for a model trained from `config.model.path`."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from mergekit_rl.provenance import card_license
+    from mergekit_rl.provenance import card_license, hub_lineage
 
     kind, title = TRAINERS.get(type(config).__name__, ("train", "Training"))
     start = config.model.path
     hub_id = _hub_id(start)
     license = None if hub_id else card_license(Path(start))
+    # A local start names its Hub origin too: a hub cache folder, a card, a provenance record.
+    lineage = [hub_id] if hub_id else hub_lineage(Path(start))
     tags = ["mergekit-rl", kind]
     if kind == "sft" and getattr(getattr(config, "sft", None), "crlft", None) is not None:
         tags.append("c-rlft")
     if kind == "wpo":
         tags += ["dpo"] if not config.wpo.weighting else []
     data = ModelCardData(library_name="transformers", tags=tags, license=license,
-                         base_model=[hub_id] if hub_id else None,
-                         base_model_relation="finetune" if hub_id else None,
+                         base_model=lineage or None,
+                         base_model_relation="finetune" if lineage else None,
                          datasets=[config.data.path] if _hub_id(config.data.path) else None)
     metrics = state.get("metrics") or {}
     lines = [f"# {kind.upper()} model trained with mergekit-rl", "",

@@ -1,13 +1,15 @@
 """mergekit's merge methods as pure functions on tensors (no I/O).
 
 Task arithmetic (https://arxiv.org/abs/2212.04089), TIES (https://arxiv.org/abs/2306.01708), DARE
-(https://arxiv.org/abs/2311.03099), Model Breadcrumbs (https://arxiv.org/abs/2312.06795) and
-`linear`, computed as mergekit 0.1.5 does (`merge_methods/generalized_task_arithmetic.py`,
+(https://arxiv.org/abs/2311.03099), Model Breadcrumbs (https://arxiv.org/abs/2312.06795), DELLA
+(https://arxiv.org/abs/2406.11617, sampling in `della`) and `linear`, computed as mergekit 0.1.5
+does (`merge_methods/generalized_task_arithmetic.py`,
 `sparsify.py`, `merge_methods/linear.py`, `merge_methods/registry.py`), so that a config with
 `dtype: float32` gives mergekit's tensors, bit for bit on CPU for the deterministic methods.
 For τ_i = θ_i − θ_base:
 
-    τ̂_i = sparsify(τ_i)        per tensor: trim (TIES), drop (DARE), trim outliers (breadcrumbs)
+    τ̂_i = sparsify(τ_i)        per tensor: trim (TIES), drop (DARE), trim outliers (breadcrumbs),
+                                drop by magnitude rank (DELLA)
     x_i = w_i·τ̂_i               w_i rounded to the tensors' dtype
     s   = [Σ_i x_i ≥ 0]         sign election ("sum" consensus): a zero sum elects +
     a_i = [sign(x_i) = ±s]      0 agrees with neither sign; it is x_i, so w_i < 0 flips the vote
@@ -25,7 +27,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
+from .della import magprune_mask
+
+METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+           "della", "della_linear")
 # registry.py: method -> (sparsification, sign election, default normalize, default rescale).
 _SPECS = {
     "task_arithmetic": (None, False, False, False),
@@ -34,6 +39,8 @@ _SPECS = {
     "dare_ties": ("random", True, False, True),
     "breadcrumbs": ("outliers", False, False, False),
     "breadcrumbs_ties": ("outliers", True, False, False),
+    "della": ("magprune", True, True, True),
+    "della_linear": ("magprune", False, False, True),
 }
 DEFAULT_NORMALIZE: dict[str, bool] = {m: s[2] for m, s in _SPECS.items()} | {"linear": True}
 DEFAULT_RESCALE: dict[str, bool] = {m: s[3] for m, s in _SPECS.items()}
@@ -195,7 +202,8 @@ def _sum_terms(terms: Iterable[torch.Tensor], count: int) -> torch.Tensor:
 def merge_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], *, method: str,
                  densities: Sequence[float] | None = None, normalize: bool | None = None,
                  gamma: float | Sequence[float] = 0.01, rescale: bool | str | None = None,
-                 seeds: Sequence[int] | None = None) -> torch.Tensor:
+                 seeds: Sequence[int] | None = None,
+                 epsilon: float | Sequence[float] = 0.15) -> torch.Tensor:
     """The combined delta τ_m (before lambda; see the module docstring).
 
     normalize/rescale None → the method's mergekit default (DEFAULT_NORMALIZE/DEFAULT_RESCALE);
@@ -213,12 +221,14 @@ def merge_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], *, me
                          f"{[(tuple(d.shape), d.dtype) for d in deltas]}")
     densities = [1.0] * n if densities is None else list(densities)
     gammas = [gamma] * n if isinstance(gamma, (int, float)) else list(gamma)
-    for name, values in (("weights", weights), ("densities", densities), ("gamma", gammas)):
+    epsilons = [epsilon] * n if isinstance(epsilon, (int, float)) else list(epsilon)
+    for name, values in (("weights", weights), ("densities", densities), ("gamma", gammas),
+                         ("epsilon", epsilons)):
         if len(values) != n:
             raise ValueError(f"{name} must have one value per delta ({n}), got {len(values)}")
     for density in densities:
         _check_density(density)
-    if sparsify == "random" and (seeds is None or len(seeds) != n):
+    if sparsify in ("random", "magprune") and (seeds is None or len(seeds) != n):
         raise ValueError(f"seeds must have one value per delta ({n}) for {method}")
     normalize = default_normalize if normalize is None else normalize
     rescale = default_rescale if rescale is None else rescale
@@ -235,6 +245,12 @@ def merge_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], *, me
         elif sparsify == "random":
             generator = torch.Generator().manual_seed(seeds[i])
             delta = drop_random(delta, densities[i], generator, rescale)
+        elif sparsify == "magprune" and densities[i] < 1:
+            generator = torch.Generator().manual_seed(seeds[i])
+            keep, probs = magprune_mask(delta, densities[i], epsilons[i], generator)
+            # rescale "density": each survivor over its own keep probability (the paper)
+            delta = delta * keep / probs if rescale == "density" else \
+                _masked(delta, keep, densities[i], rescale)
         # x·1 is x exactly (signed zeros included): skip the pass
         weighted.append(delta if weights[i] == 1 else delta * weight[i])
 

@@ -299,6 +299,18 @@ def test_range_and_head_headers(hub, model_dir):
     part = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=8-"}),
                                   timeout=5)
     assert part.status == 206 and part.read() == data[8:]
+    for spec, want in (("bytes=0-7", data[:8]), ("bytes=-5", data[-5:]),
+                       ("bytes=3-3", data[3:4]), (f"bytes=10-{len(data) + 99}", data[10:])):
+        part = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": spec}),
+                                      timeout=5)
+        assert part.status == 206 and part.read() == want, spec
+        assert part.headers["Content-Range"].endswith(f"/{len(data)}")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(urllib.request.Request(url, headers={
+            "Range": f"bytes={len(data)}-"}), timeout=5)
+    assert err.value.code == 416
+    served = hub.served[f"{REPO}/model.safetensors"]
+    assert served == (len(data) - 8) + 8 + 5 + 1 + (len(data) - 10)  # GETs only, not HEAD
 
 
 def test_subprocess_client_with_env_vars_only(hub, model_dir, tmp_path):

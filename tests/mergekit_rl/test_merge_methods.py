@@ -47,6 +47,8 @@ def test_defaults_match_mergekit_registry():
         "dare_ties": False,
         "breadcrumbs": False,
         "breadcrumbs_ties": False,
+        "della": True,
+        "della_linear": False,
         "linear": True,
     }
     assert DEFAULT_RESCALE == {
@@ -56,6 +58,8 @@ def test_defaults_match_mergekit_registry():
         "dare_ties": True,
         "breadcrumbs": False,
         "breadcrumbs_ties": False,
+        "della": True,
+        "della_linear": True,
     }
     assert set(METHODS) == set(DEFAULT_RESCALE)
 
@@ -397,7 +401,7 @@ def test_sum_terms_is_bitwise_torch_stack_sum(count):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"method": "slerp"}, "method must be one of task_arithmetic, ties, dare_linear"),
+        ({"method": "nuslerp"}, "method must be one of task_arithmetic, ties, dare_linear"),
         ({"method": "ties", "weights": [1.0]}, "weights"),
         ({"method": "ties", "densities": [0.5]}, "densities"),
         ({"method": "ties", "densities": [0.0, 0.5]}, "density"),
