@@ -301,10 +301,9 @@ def make_sweep(ctx: Context) -> str:
 
     record = {"items": {t: len(ex) for t, ex in tests.items()},
               "points": points(ctx.out / "vector", r.alphas()), "low_rank": []}
-    for rank in LOW_RANKS:  # the vector toolkit's compressed vectors, at α = 1
+    for rank in LOW_RANKS:  # the vector compressed to rank R, at α = 1
         low = compress_vector(ctx.out / "vector", ctx.out / f"vector_r{rank}", rank)
-        if low is not None:
-            record["low_rank"] += [{"rank": rank, **p} for p in points(low, (1.0,))]
+        record["low_rank"] += [{"rank": rank, **p} for p in points(low, (1.0,))]
     file = ctx.out / "eval" / "sweep.json"
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(record, indent=1))
@@ -314,16 +313,19 @@ def make_sweep(ctx: Context) -> str:
             f"{record['items']['instruction']} held-out items per point; word problems {curve}")
 
 
-# HOOK (vector toolkit issue, item 4): the low-rank points R ∈ LOW_RANKS at α = 1 need
-# `mergekit-rl compress VECTOR -o OUT --rank R`, which is not on this branch. When it is, make
-# `compress_vector` run it (and let `job.opened` return the toolkit's adapter reader for OUT):
-# `make_sweep` then evaluates each rank with the same in-memory code and the report shows them.
-LOW_RANKS = (32, 8, 2)
+LOW_RANKS = (32, 8, 2)  # the low-rank points of the sweep, at α = 1
 
 
-def compress_vector(vector: Path, out: Path, rank: int) -> Path | None:
-    """The vector at rank `rank` (PEFT LoRA format) in `out`; None until `compress` exists."""
-    return None
+def compress_vector(vector: Path, out: Path, rank: int) -> Path:
+    """`mergekit-rl compress VECTOR -o OUT --rank R`: the vector as rank-R truncated SVDs in
+    PEFT's LoRA format (1-D tensors dense beside them)."""
+    from mergekit_rl.job import Options
+    from mergekit_rl.lowrank import LowRank
+    from mergekit_rl.vectors import compress
+
+    compress(str(vector), out, LowRank(rank=rank), Options(overwrite=True,
+                                                          command="mergekit-rl demo"))
+    return out
 
 
 def max_difference(a: Path, b: Path) -> float:

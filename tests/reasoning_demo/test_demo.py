@@ -73,7 +73,13 @@ def test_sweep_in_memory_matches_the_models_written_by_add(quick_run):
     sweep = report["sweep"]
     assert [p["alpha"] for p in sweep["points"]] == list(recipe.alphas())
     assert sweep["items"] == {"arithmetic": recipe.sweep_items, "instruction": recipe.sweep_items}
-    assert sweep["low_rank"] == []  # the hook for the toolkit's compressed vectors
+    from reasoning_demo.stages import LOW_RANKS
+
+    assert [p["rank"] for p in sweep["low_rank"]] == list(LOW_RANKS)  # each at α = 1
+    assert all(p["alpha"] == 1.0 for p in sweep["low_rank"])
+    for rank in LOW_RANKS:  # the compressed vectors are PEFT adapters of that rank
+        config = json.loads((out / f"vector_r{rank}" / "adapter_config.json").read_text())
+        assert config["r"] == rank
     assert "instruct + alpha·v" in output and (out / "eval" / "sweep.json").is_file()
     # no checkpoint written for any α: the models folder holds the pipeline's models only
     assert sorted(p.name for p in (out / "models").iterdir()) == sorted(
