@@ -33,7 +33,7 @@ from .plan import (
     plan_combine,
 )
 from .provenance import read_record
-from .tokenizer_id import differences, fingerprint
+from .tokenizer_id import differences, donor_fingerprint, fingerprint
 
 INIT_TENSORS = 8       # tensors sampled by --init
 INIT_ROWS = 256        # rows read from each
@@ -92,11 +92,6 @@ def describe(role: str, src: hub.Source, ckpt) -> list[str]:
     return lines
 
 
-def _donor_tokenizer(src: hub.Source) -> dict | None:
-    return next((r.get("tokenizer") for r in read_record(src.path).get("inputs", [])
-                 if r.get("role") in ("finetuned", "vector", "a") and r.get("tokenizer")), None)
-
-
 def compare_to_target(role: str, kind: str, ckpt, src: hub.Source, target, tsrc: hub.Source,
                       allow_vocab: bool, report: Report) -> None:
     """What would stop `add` (a vector) or `merge` (a model) from combining ckpt with target."""
@@ -111,8 +106,9 @@ def compare_to_target(role: str, kind: str, ckpt, src: hub.Source, target, tsrc:
         except MergekitRLError as e:
             report.problems.append(f"{role}: {e}")
         mine = (ckpt.config().get("architectures") or [None])[0]
-        problems, warnings = differences(_donor_tokenizer(src), fingerprint(tsrc.path))
-        if _donor_tokenizer(src) is None:
+        donor = donor_fingerprint(read_record(src.path))
+        problems, warnings = differences(donor, fingerprint(tsrc.path))
+        if donor is None:
             report.warnings.append(f"{role}: records no donor tokenizer; cannot tell whether "
                                    "its rows mean the target's tokens")
     else:

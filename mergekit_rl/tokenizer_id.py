@@ -96,12 +96,17 @@ def differences(a: dict | None, b: dict | None) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
+def donor_fingerprint(record: dict) -> dict | None:
+    """The tokenizer a vector's donors used, from its provenance: the fine-tuned model's (a
+    compressed vector's source's), else the base's (an adapter folder has no tokenizer)."""
+    found = {r.get("role"): r.get("tokenizer") for r in record.get("inputs", [])}
+    return next((found[k] for k in ("finetuned", "vector", "base") if found.get(k)), None)
+
+
 def check_vector_donors(record: dict, target: Path, allow: bool) -> list[str]:
     """Compare the tokenizer a vector's donors used (its provenance) with the target's: a
     different vocabulary is an error unless `allow` (--allow-vocab-mismatch); returns notes."""
-    donor = next((r.get("tokenizer") for r in record.get("inputs", [])
-                  if r.get("role") in ("finetuned", "vector", "a") and r.get("tokenizer")), None)
-    problems, warnings = differences(donor, fingerprint(target))
+    problems, warnings = differences(donor_fingerprint(record), fingerprint(target))
     if problems and not allow:
         raise MismatchError(f"the vector's donors and the target {target} use different "
                             f"tokenizers: {'; '.join(problems)}; the rows of the embeddings "
