@@ -1,38 +1,19 @@
-"""`mergekit-rl`: the console group and the weight-arithmetic commands (extract, add, subtract,
-merge, inspect, push). With `trainers.cli` and `reasoning_demo.cli` the only code that prints
+"""`mergekit-rl`: the console group and the commands that write checkpoints (extract, compress,
+add, subtract, merge) or publish them (push); `cli_read` adds inspect, check and compare,
+`cli_eval` eval and sweep. With `trainers.cli` and `reasoning_demo.cli` the only code that prints
 and exits; errors become exit codes by `console.user_errors`. The trainers' `train` / `sample`
 and the experiment's `demo` join the group as entry points (`console.PluginGroup`)."""
 
 from __future__ import annotations
 
 import functools
-import json
-import shlex
 from pathlib import Path
 
 import click
 
-from .console import PluginGroup, errors_to_exit, setup_logging
-
-
-def _tune_malloc() -> None:
-    """Keep freed tensor blocks in the heap for reuse (glibc): without this every block is a
-    fresh mmap whose pages fault in again, which cost more than the arithmetic. Process-wide,
-    so only the CLI (which owns the process) does it."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: do not hand the heap top back
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
-    except (OSError, AttributeError):
-        pass  # not glibc: defaults are fine, only slower
-
-
-def _setup_logging(quiet: bool, verbose: bool = False) -> None:
-    _tune_malloc()
-    setup_logging("mergekit_rl", quiet, verbose)
+from .cli_eval import eval_command, sweep
+from .cli_read import check, compare, inspect
+from .console import PluginGroup, command_line, errors_to_exit, tool_logging
 
 
 def _progress_factory(quiet: bool):
@@ -114,24 +95,7 @@ def _options(**kw):
                    exclude=tuple(kw["exclude"]), device=kw["device"],
                    overwrite=kw["overwrite"], allow_vocab_mismatch=kw["allow_vocab_mismatch"],
                    max_shard_size=shard, full_hash=kw["full_hash"],
-                   command=_command_line())
-
-
-def _command_line() -> str:
-    """The invoked command in canonical form (arguments, then options that differ from their
-    defaults), for provenance and model cards."""
-    ctx = click.get_current_context()
-    words = ctx.command_path.split()
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if isinstance(param, click.Argument):
-            words.append(str(value))
-        elif value not in (param.default, None, ()) and not (param.is_flag and not value):
-            flag = max(param.opts, key=len)
-            values = value if param.multiple else [value]
-            for v in values:
-                words += [flag] if param.is_flag else [flag, str(v)]
-    return shlex.join(words)
+                   command=command_line())
 
 
 def _summary(result, quiet: bool, what: str, push_to: str | None = None,
@@ -225,7 +189,7 @@ def extract(finetuned, base, **kw):
     """
     from .vectors import extract as run
 
-    _setup_logging(kw["quiet"])
+    tool_logging(kw["quiet"])
     lowrank = _lowrank(kw)
     result = run(finetuned, base, kw["out"], _options(**kw), _progress_factory(kw["quiet"]),
                  lowrank=lowrank)
@@ -242,7 +206,7 @@ def compress(vector, **kw):
     """Write VECTOR (dense or low-rank) as a low-rank vector: --rank R or --energy E."""
     from .vectors import compress as run
 
-    _setup_logging(kw["quiet"])
+    tool_logging(kw["quiet"])
     result = run(vector, kw["out"], _lowrank(kw, required=True), _options(**kw))
     _summary(result, kw["quiet"], "compress", kw["push_to_hub"], kw["private"],
              kw["card_local_paths"])
@@ -252,7 +216,7 @@ def _apply_command(subtract: bool):
     def command(target, vector, alpha, **kw):
         from .vectors import apply as run
 
-        _setup_logging(kw["quiet"])
+        tool_logging(kw["quiet"])
         result = run(target, vector, kw["out"], alpha, _options(**kw),
                      _progress_factory(kw["quiet"]), subtract=subtract)
         _summary(result, kw["quiet"], "subtract" if subtract else "add", kw["push_to_hub"],
@@ -296,7 +260,7 @@ def merge(manifest, dry_run, overrides, **kw):
     from .merge import dry_run as plan_only
     from .merge import run_merge
 
-    _setup_logging(kw["quiet"])
+    tool_logging(kw["quiet"])
     m = manifest_mod.load(manifest, list(overrides))
     for note in m.notes:
         click.echo(f"info: {note}", err=True)
@@ -335,7 +299,7 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, repo_typ
     rerun skips files the Hub already has. The token comes from HF_TOKEN or `hf auth login`
     and is never printed.
     """
-    _setup_logging(False)
+    tool_logging(False)
     record = None
     if eval_file is not None:
         from .evaluation import read_record
@@ -346,238 +310,10 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, repo_typ
           repo_type=repo_type)
 
 
-def _eval_options(fn):
-    """lm-eval's options, shared by `eval` and `sweep`."""
-    opts = [
-        click.option("--tasks", required=True, metavar="TASK[,TASK..]",
-                     help="lm-eval tasks, groups or tags, e.g. gsm8k,arc_easy."),
-        click.option("--limit", type=float, help="At most N examples per task (a fraction "
-                     "below 1: that share); for quick looks, as in lm-eval."),
-        click.option("--batch-size", default="1", show_default=True,
-                     help="lm-eval batch size: a number, or auto."),
-        click.option("--num-fewshot", type=int, help="Few-shot examples (default: the task's)."),
-        click.option("--apply-chat-template", is_flag=True,
-                     help="Render prompts with the tokenizer's chat template."),
-        click.option("--include-path", multiple=True, metavar="DIR",
-                     type=click.Path(path_type=Path),
-                     help="Folder of your own lm-eval task YAMLs (repeatable)."),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto, cpu, cuda or cuda:N."),
-        click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
-        click.option("-q", "--quiet", is_flag=True, help="Only the results."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
 
 
-def _make_eval_options(kw):
-    from .evaluation import EvalOptions, parse_tasks
-
-    limit = kw["limit"]
-    if limit is not None and limit >= 1 and float(limit).is_integer():
-        limit = int(limit)  # lm-eval: an int is a count, a float below 1 a share
-    batch = kw["batch_size"]
-    return EvalOptions(tasks=parse_tasks(kw["tasks"]), limit=limit,
-                       batch_size=int(batch) if batch.isdigit() else batch,
-                       num_fewshot=kw["num_fewshot"],
-                       apply_chat_template=kw["apply_chat_template"],
-                       include_path=tuple(str(p) for p in kw["include_path"]))
-
-
-def _quiet_libraries(quiet: bool) -> None:
-    import logging
-
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # e.g. "pretrained is not a str"
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        try:
-            import datasets
-
-            datasets.disable_progress_bars()
-        except ImportError:
-            pass
-
-
-@main.command(name="eval")
-@click.argument("model")
-@_eval_options
-@click.option("-o", "--out", "out", type=click.Path(path_type=Path),
-              help="Write OUT/eval.json (task, metric, value, stderr, n, versions, hashes).")
-@click.option("--update-card", is_flag=True,
-              help="Add the results to MODEL's README.md model-index (a local folder only).")
-@errors_to_exit
-def eval_command(model, out, update_card, **kw):
-    """Evaluate MODEL (a local folder or Hub id) with lm-evaluation-harness.
-
-    Prints lm-eval's table. MODEL is never modified, except that --update-card adds the
-    results to its model card's `model-index`, in the Hub's format. Needs the extra:
-    pip install 'mergekit-rl[eval]'.
-    """
-    from .evaluation import evaluate
-
-    _setup_logging(kw["quiet"])
-    _quiet_libraries(kw["quiet"])
-    rec, text = evaluate(model, _make_eval_options(kw), out, kw["device"], update_card,
-                         kw["overwrite"])
-    click.echo(text)
-    if out is not None:
-        click.echo(f"eval: {len(rec['results'])} results → {out / 'eval.json'}")
-    if update_card:
-        click.echo(f"eval: model-index added to {Path(model) / 'README.md'}")
-
-
-@main.command()
-@click.argument("target")
-@click.argument("vector")
-@click.option("--alphas", default="-1,-0.5,0,0.5,1,1.5", show_default=True,
-              help="Values of α, separated by commas.")
-@_eval_options
-@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
-              help="Write OUT/sweep.json and OUT/sweep.png (atomically).")
-@click.option("--save-best", type=click.Path(path_type=Path), metavar="DIR",
-              help="Write the best α's model to DIR, as `add --alpha BEST` does.")
-@click.option("--include", multiple=True, metavar="REGEX", help="As for add (repeatable).")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="As for add (repeatable).")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Dtype of the evaluated weights, as add's output dtype.")
-@click.option("--allow-vocab-mismatch", is_flag=True, help="As for add.")
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="Largest shard of --save-best's model.")
-@errors_to_exit
-def sweep(target, vector, alphas, out, save_best, **kw):
-    """Evaluate TARGET + α·VECTOR for each α with lm-eval, without writing checkpoints.
-
-    TARGET is loaded once (on the GPU when there is one); each α's weights are computed from
-    TARGET's own tensors and the streamed VECTOR exactly as `add` computes them (bit for bit),
-    evaluated, and the target is restored at the end. Writes OUT/sweep.json and OUT/sweep.png.
-    The best α is decided by the first task's first metric.
-    """
-    from .checkpoint import parse_size
-    from .job import Options
-    from .sweep import parse_alphas, run_sweep, summary
-
-    _setup_logging(kw["quiet"])
-    _quiet_libraries(kw["quiet"])
-    try:
-        shard = parse_size(kw["max_shard_size"])
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
-    values = parse_alphas(alphas)
-    options = Options(dtype=kw["dtype"], include=tuple(kw["include"]),
-                      exclude=tuple(kw["exclude"]), device=kw["device"],
-                      overwrite=kw["overwrite"], allow_vocab_mismatch=kw["allow_vocab_mismatch"],
-                      max_shard_size=shard, command=_command_line())
-
-    def on_point(alpha, rows, seconds):
-        if not kw["quiet"] and rows:
-            r = rows[0]
-            err = "" if r["stderr"] is None else f" ± {r['stderr']:.4f}"
-            click.echo(f"alpha {alpha:g}: {r['task']} {r['metric']} {r['value']:.4f}{err} "
-                       f"({seconds:.1f}s)")
-
-    result = run_sweep(target, vector, out, values, _make_eval_options(kw), options, save_best,
-                       on_point)
-    for line in summary(result.record):
-        click.echo(line)
-    click.echo(f"sweep: {out / 'sweep.json'}, {out / 'sweep.png'}"
-               + (f"; best model → {result.saved}" if result.saved else ""))
-
-
-@main.command()
-@click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--plot", type=click.Path(path_type=Path), help="Draw per-layer L2 norms to PNG.")
-@click.option("--download", is_flag=True,
-              help="For a Hub id: download the weights to compute norms (default: headers only).")
-@errors_to_exit
-def inspect(path, as_json, plot, download):
-    """Summarise a model or vector: tensors, dtypes, bytes, per-layer L2 norm and sparsity.
-    A Hub id is read header-only (counts, no norms) unless --download."""
-    from .inspection import inspect_checkpoint, plot_norms
-
-    _setup_logging(False)
-    report = inspect_checkpoint(path, download)
-    if report.header_only and plot:
-        raise click.UsageError("--plot needs the norms: add --download for a Hub input")
-    if plot:
-        plot_norms(report, plot)
-    if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
-        return
-    dtypes = ", ".join(f"{k}×{v}" for k, v in sorted(report.dtypes.items()))
-    click.echo(f"{report.path} ({report.kind}): {report.tensors} tensors, "
-               f"{report.params:,} parameters, {report.bytes / 1e6:.1f} MB [{dtypes}]")
-    if report.header_only:
-        click.echo("header-only (a Hub input read by range requests): no norms; --download "
-                   "computes them")
-    click.echo(f"total L2 norm {report.total.l2:.6g}, sparsity {report.total.sparsity:.2%}")
-    click.echo(f"{'group':<12}{'tensors':>8}{'params':>14}{'L2 norm':>14}{'sparsity':>10}")
-    for g in report.groups:
-        click.echo(f"{g.name:<12}{g.tensors:>8}{g.params:>14,}{g.l2:>14.6g}{g.sparsity:>10.2%}")
-    if plot:
-        click.echo(f"plot → {plot}")
-
-
-@main.command()
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("--init", is_flag=True, help="Also read a sample of tensors to tell whether the "
-              "models share an initialisation (reads tensor data).")
-@click.option("--allow-vocab-mismatch", is_flag=True,
-              help="Accept vocabularies that differ (as add/merge with the same flag).")
-@errors_to_exit
-def check(inputs, init, allow_vocab_mismatch):
-    """Pre-flight report: can INPUTS (the first is the target; then models, vectors or
-    adapters) be combined? From headers and configs only (Hub inputs by range requests):
-    architecture, tensors, shapes, dtypes, quantisation, tied embeddings, vocabulary,
-    tokenizer and chat template. Exit 0 when they can, 1 with the reasons."""
-    from .preflight import check as run
-
-    _setup_logging(False)
-    report = run(list(inputs), allow_vocab_mismatch, init)
-    for line in report.render():
-        click.echo(line)
-    if not report.ok:
-        raise SystemExit(1)
-
-
-@main.command()
-@click.argument("a")
-@click.argument("b")
-@click.option("--base", help="Compare the deltas A − BASE and B − BASE of two models.")
-@click.option("--include", multiple=True, metavar="REGEX", help="Only these tensors.")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Leave these tensors out.")
-@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-@click.option("--plot", type=click.Path(path_type=Path),
-              help="Draw per-layer cosine, sign agreement and norm ratio to PNG.")
-@errors_to_exit
-def compare(a, b, base, include, exclude, as_json, plot):
-    """Per-layer cosine similarity, norm ratio ‖A‖/‖B‖ and sign agreement of two vectors
-    (dense, low-rank or adapters), or with --base of two models' deltas; streamed."""
-    from .comparison import compare as run
-    from .comparison import plot_comparison
-    from .plan import Selection
-
-    _setup_logging(False)
-    c = run(a, b, base, Selection(tuple(include), tuple(exclude)))
-    if plot:
-        plot_comparison(c, plot)
-    if as_json:
-        click.echo(json.dumps(c.as_dict(), indent=2))
-        return
-    t = c.total
-    click.echo(f"{a} vs {b}" + (f" (deltas to {base})" if base else "")
-               + f": {t.tensors} tensors, {t.params:,} parameters")
-    click.echo(f"{'group':<12}{'tensors':>8}{'cosine':>10}{'‖A‖/‖B‖':>10}{'signs agree':>13}")
-    for g in [*c.groups, t]:
-        click.echo(f"{g.name:<12}{g.tensors:>8}{g.cosine:>10.4f}{g.norm_ratio:>10.4f}"
-                   f"{g.sign_agreement:>13.2%}")
-    if plot:
-        click.echo(f"plot → {plot}")
-
+for _command in (eval_command, sweep, inspect, check, compare):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()
