@@ -20,8 +20,8 @@ from mergekit_rl.maths.merge_methods import _masked, merge_deltas, tensor_seed
 
 HAS_MERGEKIT = importlib.util.find_spec("mergekit") is not None
 needs_mergekit = pytest.mark.skipif(
-    not HAS_MERGEKIT, reason="mergekit 0.1.5 is not importable here (it is not a dependency); "
-    "run this file with a python that has it to compare against mergekit's own functions")
+    not HAS_MERGEKIT, reason="mergekit 0.1.5 (a dev dependency, the reference) is not "
+    "installed: pip install -e '.[dev]'")
 
 
 def t(*values):
