@@ -9,6 +9,7 @@ gradients, regex/substring conditions), and the method combines the deltas:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -148,10 +149,7 @@ def options_for(m: Manifest, base: Options) -> Options:
     shard = base.max_shard_size
     if m.max_shard_size and base.max_shard_size == Options().max_shard_size:
         shard = parse_size(m.max_shard_size)
-    return Options(dtype=dtype, include=base.include, exclude=base.exclude, device=base.device,
-                   overwrite=base.overwrite, allow_vocab_mismatch=base.allow_vocab_mismatch,
-                   max_shard_size=shard, block_bytes=base.block_bytes,
-                   full_hash=base.full_hash, command=base.command)
+    return dataclasses.replace(base, dtype=dtype, max_shard_size=shard)
 
 
 def run_merge(m: Manifest, out: Path | None, options: Options = Options(),

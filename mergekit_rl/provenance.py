@@ -74,8 +74,8 @@ def _input_line(rec: dict) -> str:
     where = (f"`{rec['repo_id']}` @ `{rec.get('commit') or rec.get('revision')}`"
              if rec.get("repo_id") else f"`{rec['path']}`")
     hashes = ", ".join(
-        f"{f['file']} {'sha256' if 'sha256' in f else 'header sha256'} "
-        f"`{(f.get('sha256') or f.get('header_sha256', ''))[:12]}`" for f in rec.get("files", []))
+        f"{f['file']} {'sha256' if 'sha256' in f else 'sampled sha256'} "
+        f"`{(f.get('sha256') or f.get('sample_sha256', ''))[:12]}`" for f in rec.get("files", []))
     return f"- **{rec['role']}**: {where}" + (f" ({hashes})" if hashes else "")
 
 
