@@ -6,6 +6,7 @@ and the experiment's `demo` join the group as entry points (`console.PluginGroup
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import shlex
 from pathlib import Path
@@ -32,6 +33,9 @@ def _tune_malloc() -> None:
 
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     _tune_malloc()
+    # The ~1M objects torch creates at import live as long as the process: out of the garbage
+    # collector's sight, its full passes (during a run and at exit) stop re-scanning them.
+    gc.freeze()
     setup_logging("mergekit_rl", quiet, verbose)
 
 
