@@ -151,7 +151,8 @@ def blocks(items: list[Item], block_bytes: int, whole_tensors: bool = False) -> 
 @dataclass
 class Stats:
     """What one run moved and where its stages spent their time (busy seconds per stage,
-    summed over threads), so a summary can show whether compute hides behind I/O."""
+    summed over threads), so a summary can show whether compute hides behind I/O. Staged runs
+    add "device": the writer's wait for results (compute issues work; the device does it)."""
 
     bytes_read: int = 0
     bytes_written: int = 0
@@ -233,10 +234,12 @@ def run(items: list[Item], inputs: dict[str, Checkpoint], fn: ComputeFn,
     write_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
     free_in: queue.Queue = queue.Queue()
     free_out: queue.Queue = queue.Queue()
-    for _ in range(workers + QUEUE_DEPTH + 1):  # one per queue place and stage: never waited on
+    for _ in range(workers + QUEUE_DEPTH + 1):  # one per stage and queue place
         free_in.put(stage.new_in_slot(free_in))
         free_out.put(stage.new_out_slot(free_out))
     stats = Stats(threads=workers)
+    if staged:
+        stats.busy["device"] = 0.0
     lock = threading.Lock()
     running = [workers]
 
@@ -281,7 +284,10 @@ def run(items: list[Item], inputs: dict[str, Checkpoint], fn: ComputeFn,
                                                          None):
             t0 = time.perf_counter()
             copied.synchronize()  # staged: the device-to-host copy has landed
-            check_done(block, tensor, flag)
+            if staged:
+                busy("device", t0)  # waiting for the device: it, not the writer, is behind
+                t0 = time.perf_counter()
+            check_done(block, flag)
             writer.write(block.item.name, tensor, block.rows[0] if block.rows else 0)
             nbytes = tensor.numel() * tensor.element_size()
             stats.bytes_written += nbytes
