@@ -26,7 +26,7 @@ import torch
 from .checkpoint import Checkpoint, CheckpointWriter
 from .errors import ConfigError
 from .plan import Item
-from .staging import Staging, check_done
+from .staging import Block, ComputeFn, Staging, check_done
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,6 @@ QUEUE_DEPTH = 2
 DEFAULT_BLOCK_BYTES = 4 * 2**20
 _POLL = 0.05  # seconds between looks at the stop flag while waiting on a queue
 
-# fn(item, {role: block in its stored dtype, on device}, out) -> result: the maths for one block.
-# `out` is an empty block in the output dtype; fn computes in fp32 and writes its result there
-# (torch rounds once on store, so fp32 maths + the cast is one pass over memory) or returns a
-# tensor the engine casts. Inputs are scratch buffers owned by the engine: fn may overwrite them.
-ComputeFn = Callable[[Item, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 ProgressFn = Callable[[int, int], None]  # (bytes written, tensors finished)
 
 
@@ -80,29 +75,6 @@ def check_threads(threads: int | None) -> None:
     if threads is not None and not 1 <= threads <= cores:
         raise ConfigError(f"--threads {threads}: expected 1 to {cores} (the cores this process "
                           "may use)")
-
-
-@dataclass(frozen=True)
-class Block:
-    item: Item
-    rows: tuple[int, int] | None  # None: the whole tensor
-    compute: bool                 # False: copy rows from item.copy_from
-    last: bool                    # last block of its item
-
-    @property
-    def pairs(self) -> tuple[tuple[str, str], ...]:
-        return self.item.sources if self.compute else (self.item.copy_from,)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        shape = self.item.shape
-        return shape if self.rows is None else (self.rows[1] - self.rows[0], *shape[1:])
-
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
 
 
 def _row_elems(item: Item) -> int:

@@ -13,16 +13,47 @@ from __future__ import annotations
 
 import contextlib
 import queue
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .checkpoint import Checkpoint, dtype_size
 from .errors import NonFiniteError
+from .plan import Item
 
-if TYPE_CHECKING:
-    from .engine import Block, ComputeFn
-    from .plan import Item
+# fn(item, {role: block in its stored dtype, on device}, out) -> result: the maths for one block.
+# `out` is an empty block in the output dtype; fn computes in fp32 and writes its result there
+# (torch rounds once on store, so fp32 maths + the cast is one pass over memory) or returns a
+# tensor the engine casts. Inputs are scratch buffers owned by the engine: fn may overwrite them.
+ComputeFn = Callable[[Item, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows [r0, r1) of one planned tensor (or all of it): the unit the stages pass on."""
+
+    item: Item
+    rows: tuple[int, int] | None  # None: the whole tensor
+    compute: bool                 # False: copy rows from item.copy_from
+    last: bool                    # last block of its item
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        return self.item.sources if self.compute else (self.item.copy_from,)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self.item.shape
+        return shape if self.rows is None else (self.rows[1] - self.rows[0], *shape[1:])
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
 
 
 def all_finite(t: torch.Tensor) -> bool:
