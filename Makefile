@@ -24,8 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# MERGEKIT_PYTHON=/tmp/mkvenv/bin/python adds mergekit 0.1.5's row (benchmarks/README.md)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/merge_bench.py
+	$(BIN)/python benchmarks/merge_bench.py $(if $(MERGEKIT_PYTHON),--mergekit-python $(MERGEKIT_PYTHON))
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/trainer_bench.py --threads 1

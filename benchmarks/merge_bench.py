@@ -372,7 +372,8 @@ def run_size(size: str, args, runs: list[str], notes: list[str]) -> dict:
     work = CACHE / "runs" / size
     if work.exists():
         shutil.rmtree(work)
-    (work / "logs").mkdir(parents=True)
+    for sub in ("logs", "out", "ref"):
+        (work / sub).mkdir(parents=True)
     vec = work / "vec"
     cli = Path(args.mergekit_rl)
     manifest = mergekit_config(m, work / "task_arithmetic.yaml")
