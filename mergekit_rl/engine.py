@@ -37,7 +37,8 @@ QUEUE_DEPTH = 2
 # (2 MiB L2 per core, 32 MiB L3); 1-2 MiB were no better, 512 KiB and below lost it to
 # per-block overhead.
 DEFAULT_BLOCK_BYTES = 4 * 2**20
-_POLL = 0.05  # seconds between looks at the stop flag while waiting on a queue
+_POLL = 0.05
+WORKER_READS = True  # seconds between looks at the stop flag while waiting on a queue
 
 ProgressFn = Callable[[int, int], None]  # (bytes written, tensors finished)
 
@@ -200,6 +201,7 @@ def run(items: list[Item], inputs: dict[str, Checkpoint], fn: ComputeFn,
     plan = blocks(items, block_bytes, whole_tensors)
     workers = 1 if staged or whole_tensors else threads or default_threads()
     intra = (threads or torch.get_num_threads()) if whole_tensors else 1
+    worker_reads = WORKER_READS and not staged and not whole_tensors
     stage = Staging(device, plan, inputs, pooled=not whole_tensors, staged=staged)
     pipe = _Pipeline()
     read_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
@@ -219,25 +221,44 @@ def run(items: list[Item], inputs: dict[str, Checkpoint], fn: ComputeFn,
         with lock:
             stats.busy[name] += time.perf_counter() - since
 
+    def read(block: Block, slot) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        slot.ready()  # a staged copy from this slot may still be in flight
+        data, nbytes = {}, 0
+        for j, (role, name) in enumerate(block.pairs):
+            n = stage.in_bytes(role, name, block)
+            data[role] = inputs[role].read(name, block.rows, out=slot.buffer(j, n))
+            nbytes += n
+        with lock:
+            stats.bytes_read += nbytes
+        busy("read", t0)
+        return data
+
     def reader() -> None:
         for block in plan:
             slot = pipe.take(free_in)
-            t0 = time.perf_counter()
-            slot.ready()  # a staged copy from this slot may still be in flight
-            data = {}
-            for j, (role, name) in enumerate(block.pairs):
-                nbytes = stage.in_bytes(role, name, block)
-                data[role] = inputs[role].read(name, block.rows, out=slot.buffer(j, nbytes))
-                stats.bytes_read += nbytes
-            busy("read", t0)
-            pipe.put(read_q, (block, slot, data))
+            pipe.put(read_q, (block, slot, read(block, slot)))
         for _ in range(workers):
             pipe.put(read_q, None)
+
+    pending = iter(plan)
+
+    def read_next():
+        """A worker's own read of the next block (no reader thread): still hot when computed."""
+        if pipe.stop.is_set():
+            raise _Stopped
+        with lock:
+            block = next(pending, None)
+        if block is None:
+            return None
+        slot = pipe.take(free_in)
+        return block, slot, read(block, slot)
 
     def compute_loop() -> None:
         torch.set_num_threads(intra)  # per thread: each worker runs its blocks' ops alone
         take_out = functools.partial(pipe.take, free_out)
-        for block, slot, data in iter(functools.partial(pipe.take, read_q), None):
+        source = read_next if worker_reads else functools.partial(pipe.take, read_q)
+        for block, slot, data in iter(source, None):
             t0 = time.perf_counter()
             ready = stage.compute(block, slot, data, fn, check_finite, take_out)
             busy("compute", t0)
@@ -271,7 +292,9 @@ def run(items: list[Item], inputs: dict[str, Checkpoint], fn: ComputeFn,
 
     previous = torch.get_num_threads()
     start = time.perf_counter()
-    others = [pipe.thread(reader, "mkrl-read"), pipe.thread(write_loop, "mkrl-write")]
+    others = [pipe.thread(write_loop, "mkrl-write")]
+    if not worker_reads:
+        others.append(pipe.thread(reader, "mkrl-read"))
     others += [pipe.thread(compute_loop, f"mkrl-compute-{i}") for i in range(1, workers)]
     for t in others:
         t.start()

@@ -210,7 +210,8 @@ class Staging:
         staged before it (its copy overlapped that block's wait in the queue)."""
         i = self.count % 2
         self.count += 1
-        self.copy_stream.wait_event(self.freed[i])  # set i's previous block is computed
+        if self.freed[i] is not NO_EVENT:  # set i's previous block is computed
+            self.copy_stream.wait_event(self.freed[i])
         x = {}
         for j, (role, t) in enumerate(data.items()):
             nbytes = t.numel() * t.element_size()

@@ -263,3 +263,52 @@ def test_non_finite_result_names_tensor(tmp_path, mode):
     error = _run_bounded(tmp_path, _plan(target), **_fail_mode(mode))
     assert isinstance(error, NonFiniteError)
     assert str(error).startswith("tensor big.weight: the result contains NaN or Inf")
+
+
+def test_staged_path_orders_its_copies_with_events(tmp_path, monkeypatch):
+    """The CUDA bookkeeping with recording stand-ins for events and streams: every wait is on a
+    recorded event, each device buffer set is refilled only after the block that used it, and
+    every host buffer is refilled or written only after its copy's event."""
+    from mergekit_rl import staging
+
+    log = []
+
+    class Event:
+        def __init__(self):
+            self.recorded = False
+
+        def record(self, stream=None):
+            self.recorded = True
+            log.append(("record", stream.name))
+
+        def synchronize(self):
+            assert self.recorded, "waited on an event never recorded"
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, event):
+            assert isinstance(event, Event) and event.recorded
+            log.append(("wait", self.name))
+
+    default = Stream("default")
+    real_init = staging.Staging.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.copy_stream = Stream("copy")
+
+    monkeypatch.setattr(staging.Staging, "__init__", init)
+    monkeypatch.setattr(staging.Staging, "_event", lambda self: Event())
+    monkeypatch.setattr(staging.Staging, "_current", lambda self: default)
+    target, vector = _inputs(tmp_path)
+    items = _plan(target)
+    _, got = _run(tmp_path, items, block_bytes=256, staged=True)
+    want = _reference(target, vector)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    n = len(engine.blocks(items, 256))
+    assert log.count(("record", "copy")) == n  # one host-to-device copy per block
+    assert log.count(("record", "default")) == n  # one result copied back per block
+    assert log.count(("wait", "default")) == n  # compute waits for its block's copy
+    assert log.count(("wait", "copy")) == n - 2  # set i is refilled after block i-2 computed
