@@ -34,8 +34,9 @@ demo: $(DEMO)
 test: $(DEV)
 	$(BIN)/python -m pytest -q
 
+# MERGEKIT_PYTHON=/tmp/mkvenv/bin/python adds mergekit 0.1.5's row (benchmarks/README.md)
 bench: $(DEV)
-	$(BIN)/python benchmarks/merge_bench.py
+	$(BIN)/python benchmarks/merge_bench.py $(if $(MERGEKIT_PYTHON),--mergekit-python $(MERGEKIT_PYTHON))
 
 bench-train: $(DEV)
 	$(BIN)/python benchmarks/trainer_bench.py --threads 1

@@ -1,19 +1,23 @@
-"""Time `mergekit-rl extract` / `add` against a plain safetensors loop (and optionally mergekit).
+"""Time `mergekit-rl extract` / `add` / `merge` as multiples of this machine's floor.
 
-Reproduces the SPEC §5 reference measurements on synthetic Llama checkpoints built once under
-benchmarks/_cache/. Every timed run is its own subprocess; its peak RSS is that child's
-`ru_maxrss` from `os.wait4`. Runs alternate within one invocation (forward order on even
-repeats, reversed on odd ones) because timings on these machines drift ±30-60% between
-invocations: compare the ratios, not the absolute seconds.
+The floor of a command is what no implementation can avoid: starting Python with torch
+(`python -c "import torch"`) plus writing the bytes it outputs (`dd` of that many bytes into a
+new file on the same disk). Each repeat measures the floor next to the command (floor first on
+even repeats, command first on odd ones), and the table gives the median and the spread of the
+per-repeat ratios, so the 2x drift between runs and machines cancels. Inputs are the synthetic
+Llama trios of SPEC §5 (built once under benchmarks/_cache/), read from a warm page cache.
 
-    .venv/bin/python benchmarks/merge_bench.py                      # both sizes, 3 repeats
-    .venv/bin/python benchmarks/merge_bench.py --size 0.5 --only plain_add,ours_add
+    .venv/bin/python benchmarks/merge_bench.py                    # both trios, 5 repeats
+    .venv/bin/python benchmarks/merge_bench.py --size 1.9 --only ours_add --repeats 9
     .venv/bin/python benchmarks/merge_bench.py --mergekit-python /tmp/mkvenv/bin/python
+    .venv/bin/python benchmarks/merge_bench.py --only plain_add,ours_add   # the plain loop too
 
-This driver never imports torch: on Linux a child's ru_maxrss starts from the RSS of the
-process it was forked from (the old mm is accounted at exec), so a fat driver would inflate
-every measurement. The heavy work (building, the plain baseline, snapshots, verification) runs
-in subprocesses of this same file (`--_build`, `--_plain`, `--_snap`, `--_verify`).
+Correctness: the plain safetensors loop (`--_plain`) makes each output once, untimed, and every
+tensor of ours must equal it bit for bit (sha256 of each tensor's bytes); mergekit's output is
+compared on three tensors in bf16 ulps. Every timed run is its own subprocess; its peak RSS is
+that child's `ru_maxrss` from `os.wait4`. This driver never imports torch: on Linux a child's
+ru_maxrss starts from the RSS of the process it was forked from, so the heavy work (building,
+the plain loop, digests) runs in subprocesses of this same file (`--_build`, `--_plain`, ...).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -44,14 +49,17 @@ TRIOS = {
 }
 RECIPE_VERSION = 1
 
-ALL_RUNS = ("startup", "cat", "read", "plain_extract", "ours_extract", "plain_add", "ours_add",
-            "plain_merge", "mergekit", "ours_merge")
-# Runs whose output is an add-style bf16 model, checked against plain_add.
-ADD_LIKE = ("ours_add", "plain_merge", "mergekit", "ours_merge")
+OURS = ("ours_extract", "ours_add", "ours_merge")
+PLAIN = {"ours_extract": "plain_extract", "ours_add": "plain_add", "ours_merge": "plain_merge",
+         "mergekit": "plain_merge"}
+ALL_RUNS = (*OURS, "mergekit", "plain_extract", "plain_add", "plain_merge", "read")
+# Goals of issue 17: wall time as a multiple of the floor, on the 1.9 GB trio.
+GOALS = {"ours_add": 1.25, "ours_extract": 1.25, "ours_merge": 1.4}
+RSS_LIMIT_MB, RSS_GROWTH = 800, 1.15
 
 
-# Three tensors for the correctness spot check: start of the first shard, a big MLP matrix
-# in the last layer, and the last tensor written.
+# Three tensors for mergekit's ulp check: start of the first shard, a big MLP matrix in the
+# last layer, and the last tensor written.
 def spot_names(layers: int) -> list[str]:
     return ["model.layers.0.self_attn.q_proj.weight",
             f"model.layers.{layers - 1}.mlp.down_proj.weight", "lm_head.weight"]
@@ -213,57 +221,56 @@ def _handle(handles: dict, inputs: list[Path], maps: list[dict], i: int, name: s
     return handles[key]
 
 
-def snap(out: Path, dest: Path, names: list[str]) -> None:
-    """Copy the spot-check tensors of an output into a small file, so outputs can be deleted."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every tensor's bytes (and its dtype and shape), header metadata ignored."""
+    import hashlib
 
-    wmap = weight_map(out)
-    got = {}
-    for name in names:
-        if name in wmap:
-            with safe_open(str(out / wmap[name]), framework="pt") as h:
-                got[name] = h.get_tensor(name).contiguous()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file(got, str(dest))
+    out = {}
+    for f in files_of(folder):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                b, e = meta["data_offsets"]
+                fh.seek(8 + n + b)
+                h = hashlib.sha256(fh.read(e - b)).hexdigest()
+                out[name] = f"{meta['dtype']}{meta['shape']}:{h}"
+    return out
 
 
-def verify(snapdir: Path) -> dict:
-    """Compare snapshots: add-like outputs against plain_add (bf16 ulps), extracts exactly."""
+def ulps(a: Path, b: Path, names: list[str]) -> list[dict]:
+    """Largest bf16 ulp distance of a few tensors of two outputs (mergekit vs the plain loop)."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    def ordered(t: torch.Tensor) -> torch.Tensor:  # bf16 bits → integers monotone in value
+    def ordered(t):  # bf16 bits → integers monotone in value
         i = t.view(torch.int16).to(torch.int32)
         return torch.where(i < 0, -(i & 0x7FFF), i)
 
-    snaps = {p.stem: load_file(str(p)) for p in snapdir.glob("*.safetensors")}
-    report = {}
-    pairs = [(r, "plain_add") for r in ADD_LIKE] + [("ours_extract", "plain_extract")]
-    for run, ref in pairs:
-        if run not in snaps or ref not in snaps:
-            continue
-        rows = []
-        for name, want in snaps[ref].items():
-            got = snaps[run].get(name)
-            if got is None:
-                rows.append({"tensor": name, "ok": False, "why": "missing"})
-                continue
-            if got.dtype != want.dtype or got.shape != want.shape:
-                rows.append({"tensor": name, "ok": False,
-                             "why": f"{got.dtype} {tuple(got.shape)} vs {want.dtype} "
-                                    f"{tuple(want.shape)}"})
-                continue
-            if want.dtype == torch.bfloat16:
-                ulps = (ordered(got) - ordered(want)).abs()
-                rows.append({"tensor": name, "max_ulp": int(ulps.max()),
-                             "differ": int((ulps > 0).sum()), "numel": want.numel(),
-                             "ok": int(ulps.max()) <= 1})
-            else:
-                diff = float((got.float() - want.float()).abs().max())
-                rows.append({"tensor": name, "max_abs": diff, "ok": diff == 0.0})
-        report[f"{run} vs {ref}"] = rows
-    return report
+    rows = []
+    for name in names:
+        got = []
+        for folder in (a, b):
+            file = folder / weight_map(folder)[name]
+            with safe_open(str(file), framework="pt") as h:
+                got.append(h.get_tensor(name))
+        d = (ordered(got[0]) - ordered(got[1])).abs()
+        rows.append({"tensor": name, "max_ulp": int(d.max()), "differ": int((d > 0).sum()),
+                     "numel": d.numel()})
+    return rows
+
+
+def fingerprint_seconds(folders: list[Path]) -> float:
+    """In-process time of the default provenance fingerprints of these checkpoints."""
+    from mergekit_rl.checkpoint import Checkpoint
+
+    t0 = time.perf_counter()
+    for folder in folders:
+        with Checkpoint.open(folder) as ckpt:
+            ckpt.fingerprints()
+    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,11 +300,9 @@ def ensure_trio(size: str) -> tuple[Path, dict]:
     tmp.mkdir(parents=True)
     print(f"[build] {size} GB trio → {dest} ...", flush=True)
     t0 = time.perf_counter()
-    r = sh(worker("--_build", tmp, json.dumps(trio)))
-    if r.returncode:
+    if sh(worker("--_build", tmp, json.dumps(trio))).returncode:
         raise SystemExit(f"building the {size} GB trio failed")
-    done_tmp = tmp / ".done"
-    done_tmp.write_text(recipe)
+    (tmp / ".done").write_text(recipe)
     tmp.rename(dest)
     gb = sum(data_bytes(dest / m) for m in MODELS) / 1e9
     print(f"[build] {size} GB trio: {gb:.2f} GB on disk in {time.perf_counter() - t0:.1f} s",
@@ -318,17 +323,14 @@ def timed(cmd: list, log: Path) -> dict:
     with open(log, "w") as fh:
         busy0 = busy_cpu_seconds()
         t0 = time.perf_counter()
-        # `cat` must write to /dev/null, not into the log.
-        out = subprocess.DEVNULL if cmd[0] == "cat" else fh
-        p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=fh,
+        p = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=fh,
                              stdin=subprocess.DEVNULL)
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
         busy = busy_cpu_seconds() - busy0
-    p.returncode = os.waitstatus_to_exitcode(status)
     cpu = ru.ru_utime + ru.ru_stime
-    return {"rc": p.returncode, "wall": wall, "rss_mb": ru.ru_maxrss / 1024, "cpu": cpu,
-            "other_cpu": max(0.0, busy - cpu)}
+    return {"rc": os.waitstatus_to_exitcode(status), "wall": wall, "rss_mb": ru.ru_maxrss / 1024,
+            "cpu": cpu, "other_cpu": max(0.0, busy - cpu)}
 
 
 def residency(folders: list[Path]) -> float | None:
@@ -348,10 +350,6 @@ def residency(folders: list[Path]) -> float | None:
     return res / size if size else None
 
 
-def ours_has(cli: Path, command: str) -> bool:
-    return cli.exists() and sh([cli, command, "--help"], capture_output=True).returncode == 0
-
-
 def mergekit_config(models: dict[str, Path], path: Path) -> Path:
     path.write_text(
         "merge_method: task_arithmetic\n"
@@ -365,48 +363,44 @@ def mergekit_config(models: dict[str, Path], path: Path) -> Path:
     return path
 
 
+ENGINE_LINE = re.compile(r"at ([\d.]+) GB/s \(busy: ([^)]*)\)")
+
+
 def run_size(size: str, args, runs: list[str], notes: list[str]) -> dict:
     root, trio = ensure_trio(size)
     m = {k: root / k for k in MODELS}
     work = CACHE / "runs" / size
     if work.exists():
         shutil.rmtree(work)
-    (work / "logs").mkdir(parents=True)
-    snaps = work / "snaps"
+    for sub in ("logs", "out", "ref"):
+        (work / sub).mkdir(parents=True)
     vec = work / "vec"
     cli = Path(args.mergekit_rl)
     manifest = mergekit_config(m, work / "task_arithmetic.yaml")
+    threads = ["--threads", str(args.threads)] if args.threads else []
 
     def command(run: str, out: Path) -> tuple[list, list[Path]]:
         """The command line and the input folders it reads."""
-        if run == "cat":
-            return ["cat", *[f for k in MODELS for f in files_of(m[k])]], list(m.values())
-        if run == "startup":
-            return [sys.executable, "-c", "import torch, safetensors.torch"], []
         if run == "read":
             return worker("--_plain", "read", "-", *m.values()), list(m.values())
-        if run == "plain_extract":
-            return worker("--_plain", "extract", out, m["grpo"], m["sft"]), [m["grpo"], m["sft"]]
-        if run == "plain_add":
-            return worker("--_plain", "add", out, m["base"], vec), [m["base"], vec]
-        if run == "plain_merge":
-            return (worker("--_plain", "merge", out, m["base"], m["grpo"], m["sft"]),
-                    list(m.values()))
-        if run == "ours_extract":
-            return ([cli, "extract", m["grpo"], m["sft"], "-o", out, "--quiet", "--overwrite"],
-                    [m["grpo"], m["sft"]])
-        if run == "ours_add":
-            return ([cli, "add", m["base"], vec, "-o", out, "--quiet", "--overwrite"],
-                    [m["base"], vec])
+        if run.startswith("plain_"):
+            ins = {"extract": [m["grpo"], m["sft"]], "add": [m["base"], vec],
+                   "merge": [m["base"], m["grpo"], m["sft"]]}[run[6:]]
+            return worker("--_plain", run[6:], out, *ins), ins
         if run == "mergekit":
             mk = Path(args.mergekit_python).parent / "mergekit-yaml"
             # No tokenizer in the synthetic models: mergekit's default copy fails after writing.
             return ([mk, manifest, out, "--quiet", "--no-copy-tokenizer",
-                     *args.mergekit_args.split()],
-                    list(m.values()))
+                     *args.mergekit_args.split()], list(m.values()))
+        # Not --quiet: the summary line (throughput, busy share per stage) goes to the log.
+        if run == "ours_extract":
+            return ([cli, "extract", m["grpo"], m["sft"], "-o", out, "--overwrite", *threads],
+                    [m["grpo"], m["sft"]])
+        if run == "ours_add":
+            return ([cli, "add", m["base"], vec, "-o", out, "--overwrite", *threads],
+                    [m["base"], vec])
         if run == "ours_merge":
-            return ([cli, "merge", manifest, "-o", out, "--quiet", "--overwrite"],
-                    list(m.values()))
+            return [cli, "merge", manifest, "-o", out, "--overwrite", *threads], list(m.values())
         raise ValueError(run)
 
     def once(run: str, out: Path, tag: str) -> dict:
@@ -414,38 +408,65 @@ def run_size(size: str, args, runs: list[str], notes: list[str]) -> dict:
             shutil.rmtree(out)
         os.sync()  # no dirty pages from the previous run left to write back during this one
         cmd, inputs = command(run, out)
-        r = timed(cmd, work / "logs" / f"{run}.{tag}.log")
-        r["bytes"] = sum(data_bytes(d) for d in inputs) + (data_bytes(out) if out.exists() else 0)
+        log = work / "logs" / f"{run}.{tag}.log"
+        r = timed(cmd, log)
+        r["bytes_out"] = data_bytes(out) if out.exists() else 0
+        r["bytes"] = sum(data_bytes(d) for d in inputs) + r["bytes_out"]
         if r["rc"]:
-            tail = (work / "logs" / f"{run}.{tag}.log").read_text()[-1500:]
-            print(f"  {run} [{tag}] FAILED rc={r['rc']}:\n{tail}", flush=True)
+            print(f"  {run} [{tag}] FAILED rc={r['rc']}:\n{log.read_text()[-1500:]}", flush=True)
+        found = ENGINE_LINE.findall(log.read_text(errors="replace"))
+        if found:
+            r["engine"] = f"{found[-1][0]} GB/s; {found[-1][1]}"
         return r
 
-    # The vector both adds read: ours if ours_add is timed (it may want its own format),
-    # else the plain one. Made untimed; doubles as that extract's warm-up.
+    def floor(nbytes: int, tag: str) -> dict:
+        """`python -c "import torch"`, then `dd` of nbytes into a new file: two processes."""
+        sink = work / "floor.bin"
+        sink.unlink(missing_ok=True)
+        os.sync()
+        a = timed([sys.executable, "-c", "import torch"], work / "logs" / f"floor.{tag}.log")
+        b = timed(["dd", "if=/dev/zero", f"of={sink}", "bs=4M", f"count={nbytes}",
+                   "iflag=count_bytes"], work / "logs" / f"dd.{tag}.log")
+        sink.unlink(missing_ok=True)
+        return {"rc": a["rc"] or b["rc"], "import": a["wall"], "dd": b["wall"],
+                "wall": a["wall"] + b["wall"], "other_cpu": a["other_cpu"] + b["other_cpu"],
+                "rss_mb": a["rss_mb"]}
+
+    # Warm the page cache; make the vector both adds read (untimed, with ours).
     sh(["cat", *[f for k in MODELS for f in files_of(m[k])]], stdout=subprocess.DEVNULL)
     failed: set[str] = set()
-    warmed: set[str] = set()
-    if any(r in runs for r in ("plain_add", "ours_add")):
-        maker = "ours_extract" if "ours_add" in runs else "plain_extract"
-        r = once(maker, vec, "vec")
-        if r["rc"]:
-            notes.append(f"{size}: could not make the vector with {maker}; adds skipped")
-            failed |= {"plain_add", "ours_add", maker}
-        warmed.add(maker)
-    runs = [r for r in runs if r not in failed]
+    if any(r in runs for r in ("ours_add", "plain_add")) or args.check:
+        if once("ours_extract", vec, "vec")["rc"]:
+            raise SystemExit(f"{size}: could not make the vector with ours_extract")
+
+    # Correctness: the plain loop's output once per command, compared tensor by tensor.
+    check: dict[str, dict] = {}
+    refs = {}
+    if args.check:
+        print(f"[{size} GB] correctness references (plain loop, untimed)", flush=True)
+        for run in sorted({PLAIN[r] for r in runs if r in PLAIN}):
+            out = work / "ref" / run
+            if once(run, out, "ref")["rc"]:
+                notes.append(f"{size}: the reference {run} failed; no check against it")
+                continue
+            refs[run] = out
 
     print(f"[{size} GB] warm-up pass: {', '.join(runs)}", flush=True)
+    written = {}
     for run in runs:
-        if run in warmed:
-            continue
         out = work / "out" / run
-        if once(run, out, "warmup")["rc"]:
+        r = once(run, out, "warmup")
+        if r["rc"]:
             failed.add(run)
+        written[run] = r["bytes_out"]
+        if run in PLAIN and PLAIN[run] in refs and not r["rc"]:
+            check[run] = compare(out, refs[PLAIN[run]], run == "mergekit", trio)
         shutil.rmtree(out, ignore_errors=True)
     runs = [r for r in runs if r not in failed]
     for r in sorted(failed):
         notes.append(f"{size}: {r} failed (see {work / 'logs'}), left out")
+    for d in refs.values():
+        shutil.rmtree(d, ignore_errors=True)
 
     res_before = residency([*m.values(), vec] if vec.exists() else list(m.values()))
     samples = collections.defaultdict(list)
@@ -453,117 +474,136 @@ def run_size(size: str, args, runs: list[str], notes: list[str]) -> dict:
         order = runs if rep % 2 == 0 else runs[::-1]
         for run in order:
             out = work / "out" / run
-            # Other sessions share these 2 cores: a sample during which the rest of the
-            # machine kept more than --noise-limit of a core busy is run again.
+            # Other sessions share these cores: a pair during which the rest of the machine
+            # kept more than --noise-limit of a core busy is run again.
             for attempt in range(args.noise_retries + 1):
-                r = once(run, out, f"r{rep}")
+                pair = [("floor", None), ("cmd", None)]
+                if rep % 2:
+                    pair.reverse()
+                got = {}
+                for kind, _ in pair:
+                    got[kind] = (floor(written[run], f"{run}.r{rep}") if kind == "floor"
+                                 else once(run, out, f"r{rep}"))
+                    shutil.rmtree(out, ignore_errors=True)
+                r, f = got["cmd"], got["floor"]
+                r["floor"], r["floor_import"], r["floor_dd"] = f["wall"], f["import"], f["dd"]
+                r["ratio"] = r["wall"] / f["wall"]
+                busy_others = r["other_cpu"] + f["other_cpu"]
                 # (+0.2 s: kernel writeback and process start-up show up even when idle)
-                r["noisy"] = r["other_cpu"] > args.noise_limit * r["wall"] + 0.2
-                print(f"  [{size} GB] rep {rep + 1}/{args.repeats} {run:14s} "
-                      f"{r['wall']:7.2f} s  {r['rss_mb']:7.0f} MB  cpu {r['cpu']:5.1f} s  "
-                      f"others {r['other_cpu']:5.1f} s  rc={r['rc']}"
-                      + ("  (noisy)" if r["noisy"] else ""), flush=True)
-                if r["rc"] or not r["noisy"]:
+                r["noisy"] = busy_others > args.noise_limit * (r["wall"] + f["wall"]) + 0.2
+                print(f"  [{size} GB] rep {rep + 1}/{args.repeats} {run:13s} {r['wall']:6.2f} s"
+                      f"  floor {f['wall']:5.2f} s (import {f['import']:.2f} + dd "
+                      f"{f['dd']:.2f})  ratio {r['ratio']:5.2f}  {r['rss_mb']:5.0f} MB  "
+                      f"others {busy_others:4.1f} s" + ("  (noisy)" if r["noisy"] else ""),
+                      flush=True)
+                if r["rc"] or f["rc"] or not r["noisy"]:
                     break
                 if attempt < args.noise_retries:
                     samples[run + "/discarded"].append(r)
             samples[run].append(r)
-            last = rep == args.repeats - 1
-            if last and r["rc"] == 0 and run in (*ADD_LIKE, "plain_add", "ours_extract",
-                                                   "plain_extract"):
-                sh(worker("--_snap", out, snaps / f"{run}.safetensors",
-                          ",".join(spot_names(trio["layers"]))))
-            if not (last and args.keep_outputs):
-                shutil.rmtree(out, ignore_errors=True)
     res_after = residency([*m.values(), vec] if vec.exists() else list(m.values()))
-
-    check = {}
-    if snaps.exists():
-        r = sh(worker("--_verify", snaps), capture_output=True, text=True)
-        check = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-1000:]}
+    fp = sh(worker("--_fingerprint", *m.values()), capture_output=True, text=True)
     if not args.keep_outputs:
-        for d in (vec, snaps, work / "out"):
+        for d in (vec, work / "out", work / "ref"):
             shutil.rmtree(d, ignore_errors=True)
+
     rows = []
     for run in runs:
-        rs = samples[run]
-        ok = [r for r in rs if r["rc"] == 0]
+        ok = [r for r in samples[run] if r["rc"] == 0]
         if not ok:
             continue
+        ratios = [r["ratio"] for r in ok]
         walls = [r["wall"] for r in ok]
-        med = statistics.median(walls)
-        rows.append({"run": run, "size": size, "n": len(ok), "wall_median": med,
-                     "wall_min": min(walls), "wall_max": max(walls),
-                     "rss_mb": max(r["rss_mb"] for r in ok),
-                     "cpu_median": statistics.median(r["cpu"] for r in ok),
-                     "other_cpu_median": statistics.median(r["other_cpu"] for r in ok),
-                     "gb_per_s": statistics.median(r["bytes"] for r in ok) / 1e9 / med,
-                     "noisy": sum(r["noisy"] for r in ok), "samples": rs,
-                     "discarded": samples[run + "/discarded"]})
-    return {"rows": rows, "check": check, "residency": [res_before, res_after],
-            "trio": trio, "model_gb": data_bytes(m["base"]) / 1e9}
+        rows.append({"run": run, "size": size, "n": len(ok),
+                     "wall_median": statistics.median(walls), "wall_min": min(walls),
+                     "wall_max": max(walls),
+                     "floor_median": statistics.median(r["floor"] for r in ok),
+                     "import_median": statistics.median(r["floor_import"] for r in ok),
+                     "dd_median": statistics.median(r["floor_dd"] for r in ok),
+                     "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                     "ratio_max": max(ratios), "rss_mb": max(r["rss_mb"] for r in ok),
+                     "bytes_out": written[run], "engine": ok[-1].get("engine", ""),
+                     "noisy": sum(r["noisy"] for r in ok),
+                     "discarded": len(samples[run + "/discarded"]), "samples": samples[run]})
+    return {"rows": rows, "check": check, "residency": [res_before, res_after], "trio": trio,
+            "model_gb": data_bytes(m["base"]) / 1e9,
+            "fingerprint_s": float(fp.stdout) if fp.returncode == 0 else None}
+
+
+def compare(out: Path, ref: Path, approximate: bool, trio: dict) -> dict:
+    """Ours: every tensor bit for bit. mergekit (its own op order): three tensors in ulps."""
+    if approximate:
+        r = sh(worker("--_ulps", out, ref, ",".join(spot_names(trio["layers"]))),
+               capture_output=True, text=True)
+        if r.returncode:
+            return {"ok": False, "detail": r.stderr[-500:]}
+        rows = json.loads(r.stdout)
+        return {"ok": all(x["max_ulp"] <= 1 for x in rows),
+                "detail": "; ".join(f"{x['tensor']}: max {x['max_ulp']} ulp, "
+                                    f"{x['differ']}/{x['numel']} differ" for x in rows)}
+    a, b = (sh(worker("--_digest", d), capture_output=True, text=True) for d in (out, ref))
+    if a.returncode or b.returncode:
+        return {"ok": False, "detail": (a.stderr + b.stderr)[-500:]}
+    da, db = json.loads(a.stdout), json.loads(b.stdout)
+    differ = sorted(k for k in db if da.get(k) != db[k]) + sorted(set(da) - set(db))
+    return {"ok": not differ, "detail": f"{len(db) - len(differ)}/{len(db)} tensors "
+            "bit-identical" + (f"; differ: {differ[:3]}" if differ else "")}
 
 
 def report(results: dict, notes: list[str], floor_mb: float) -> None:
-    print("\n| run | size | wall s median (min–max) | CPU s | others' CPU s | peak RSS MB "
-          "| GB/s | noisy kept / retried |")
+    label = {"ours_extract": "`mergekit-rl extract`", "ours_add": "`mergekit-rl add`",
+             "ours_merge": "`mergekit-rl merge` (one pass)", "mergekit": "mergekit 0.1.5",
+             "plain_extract": "plain loop extract", "plain_add": "plain loop add",
+             "plain_merge": "plain loop merge", "read": "read every tensor (safe_open)"}
+    print("\n| command | trio | wall s median (min–max) | floor s: import + dd (GB) "
+          "| × floor median (min–max) | goal | peak RSS MB | engine (last repeat) |")
     print("|---|---|---|---|---|---|---|---|")
     for size, res in results.items():
         for r in res["rows"]:
-            gbs = f"{r['gb_per_s']:.2f}" if r["gb_per_s"] else "–"
-            print(f"| {r['run']} | {size} | {r['wall_median']:.2f} "
-                  f"({r['wall_min']:.2f}–{r['wall_max']:.2f}) | {r['cpu_median']:.1f} | "
-                  f"{r['other_cpu_median']:.1f} | {r['rss_mb']:.0f} | {gbs} | "
-                  f"{r['noisy']} / {len(r['discarded'])} |")
+            goal = GOALS.get(r["run"]) if size == "1.9" else None
+            verdict = (f"≤ {goal}× {'met' if r['ratio_median'] <= goal else 'NOT met'}"
+                       if goal else "")
+            print(f"| {label[r['run']]} | {size} GB | {r['wall_median']:.2f} "
+                  f"({r['wall_min']:.2f}–{r['wall_max']:.2f}) | {r['floor_median']:.2f}: "
+                  f"{r['import_median']:.2f} + {r['dd_median']:.2f} ({r['bytes_out'] / 1e9:.2f})"
+                  f" | **{r['ratio_median']:.2f}×** ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})"
+                  f" | {verdict} | {r['rss_mb']:.0f} | {r['engine']} |")
 
     def row(size, run):
-        for r in results.get(size, {}).get("rows", []):
-            if r["run"] == run:
-                return r
-        return None
+        return next((r for r in results.get(size, {}).get("rows", []) if r["run"] == run), None)
 
-    print("\n| check | value | target |")
+    print("\n| check | value | goal |")
     print("|---|---|---|")
-    for size in results:
-        for ours, ref, target in (("ours_add", "plain_add", 0.35),
-                                  ("ours_extract", "plain_extract", None),
-                                  ("ours_merge", "plain_merge", None),
-                                  ("ours_merge", "mergekit", None)):
-            a, b = row(size, ours), row(size, ref)
-            if a and b:
-                ratio = a["wall_median"] / b["wall_median"]
-                verdict = ("" if target is None else
-                           f"≤ {target}× {'PASS' if ratio <= target else 'FAIL'}")
-                print(f"| {size} GB wall {ours} / {ref} | {ratio:.2f}× | {verdict} |")
-    for run in ("ours_add", "ours_extract", "ours_merge"):
+    for run in OURS:
         big, small = row("1.9", run), row("0.5", run)
         if big:
-            ok = big["rss_mb"] <= 800
-            print(f"| 1.9 GB peak RSS {run} | {big['rss_mb']:.0f} MB | ≤ 800 MB "
-                  f"{'PASS' if ok else 'FAIL'} |")
+            print(f"| peak RSS {run}, 1.9 GB trio | {big['rss_mb']:.0f} MB | ≤ {RSS_LIMIT_MB} MB "
+                  f"{'met' if big['rss_mb'] <= RSS_LIMIT_MB else 'NOT met'} |")
         if big and small:
             g = big["rss_mb"] / small["rss_mb"]
-            print(f"| peak RSS {run} 1.9 GB / 0.5 GB | {g:.2f}× | ≤ 1.15× "
-                  f"{'PASS' if g <= 1.15 else 'FAIL'} |")
-
+            print(f"| peak RSS {run}, 1.9 GB / 0.5 GB | {g:.2f}× | ≤ {RSS_GROWTH}× "
+                  f"{'met' if g <= RSS_GROWTH else 'NOT met'} |")
+    mk, ours = row("1.9", "mergekit"), row("1.9", "ours_merge")
+    if mk and ours:
+        ratio = ours["wall_median"] / mk["wall_median"]
+        print(f"| 1.9 GB merge: ours / mergekit wall | {ratio:.2f}× | |")
+    for size, res in results.items():
+        for run, c in res["check"].items():
+            print(f"| {size} GB {run} vs the plain loop | {c['detail']} | "
+                  f"{'≤ 1 ulp' if run == 'mergekit' else 'bit-identical'} "
+                  f"{'met' if c['ok'] else 'NOT met'} |")
+        if res["fingerprint_s"] is not None:
+            print(f"| {size} GB default fingerprints of the 3 inputs (in-process) | "
+                  f"{res['fingerprint_s'] * 1000:.0f} ms | |")
     print(f"\nRSS floor: this driver's own peak RSS is {floor_mb:.0f} MB (a child's ru_maxrss "
           "cannot be below it)")
     for size, res in results.items():
         rb, ra = res["residency"]
         if rb is not None:
             print(f"{size} GB: inputs in page cache {rb:.0%} before timing, {ra:.0%} after")
-        for pair, rows in res["check"].items():
-            if pair == "error":
-                print(f"{size} GB: verification failed to run: {rows}")
-                continue
-            ok = all(r["ok"] for r in rows)
-            detail = "; ".join(
-                f"{r['tensor']}: " + (r.get("why") or (f"max {r['max_ulp']} ulp, "
-                                                      f"{r['differ']}/{r['numel']} differ"
-                                                      if "max_ulp" in r else
-                                                      f"max |Δ| {r['max_abs']:g}"))
-                for r in rows)
-            print(f"{size} GB check {pair}: {'OK' if ok else 'MISMATCH'} ({detail})")
+        noisy = sum(r["noisy"] for r in res["rows"])
+        retried = sum(r["discarded"] for r in res["rows"])
+        print(f"{size} GB: {noisy} noisy samples kept, {retried} retried")
     for n in notes:
         print("note:", n)
 
@@ -664,14 +704,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=("1.9", "0.5", "both"), default="both")
     ap.add_argument("--only", help="comma-separated runs: " + ",".join(ALL_RUNS))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="pass --threads N to mergekit-rl")
     ap.add_argument("--noise-limit", type=float, default=0.25,
-                    help="a sample is noisy when other processes used more than this many "
-                         "cores on average (+0.2 s) while it ran (default 0.25)")
+                    help="a pair (floor + command) is noisy when other processes used more than "
+                         "this many cores on average (+0.2 s) while it ran (default 0.25)")
     ap.add_argument("--noise-retries", type=int, default=2,
-                    help="run a noisy sample again up to this many times (default 2)")
-    ap.add_argument("--keep-outputs", action="store_true",
-                    help="keep the last repeat's outputs and the vector (needs ~13 GB more)")
+                    help="run a noisy pair again up to this many times (default 2)")
+    ap.add_argument("--no-check", dest="check", action="store_false",
+                    help="skip the comparison with the plain loop's outputs")
+    ap.add_argument("--keep-outputs", action="store_true", help="keep the vector")
     ap.add_argument("--json", type=Path, help="write every sample and check here")
     ap.add_argument("--mergekit-python", help="python of a side venv with mergekit installed")
     ap.add_argument("--mergekit-args", default="",
@@ -684,8 +726,9 @@ def main() -> None:
     # Internal: the subprocess entry points.
     ap.add_argument("--_build", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_plain", nargs="+", help=argparse.SUPPRESS)
-    ap.add_argument("--_snap", nargs=3, help=argparse.SUPPRESS)
-    ap.add_argument("--_verify", help=argparse.SUPPRESS)
+    ap.add_argument("--_digest", help=argparse.SUPPRESS)
+    ap.add_argument("--_ulps", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--_fingerprint", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args._build:
@@ -693,11 +736,13 @@ def main() -> None:
     if args._plain:
         op, out, *inputs = args._plain
         return plain(op, None if out == "-" else Path(out), [Path(p) for p in inputs])
-    if args._snap:
-        return snap(Path(args._snap[0]), Path(args._snap[1]), args._snap[2].split(","))
-    if args._verify:
-        print(json.dumps(verify(Path(args._verify))))
-        return
+    if args._digest:
+        return print(json.dumps(digest(Path(args._digest))))
+    if args._ulps:
+        return print(json.dumps(ulps(Path(args._ulps[0]), Path(args._ulps[1]),
+                                     args._ulps[2].split(","))))
+    if args._fingerprint:
+        return print(fingerprint_seconds([Path(p) for p in args._fingerprint]))
 
     sizes = ["0.5", "1.9"] if args.size == "both" else [args.size]
     if args.build_only:
@@ -717,21 +762,16 @@ def main() -> None:
         if bad:
             ap.error(f"--only: unknown run(s) {bad}; choose from {', '.join(ALL_RUNS)}")
     else:
-        runs = [r for r in ALL_RUNS if args.mergekit_python or r != "mergekit"]
+        runs = [*OURS, "mergekit"]
     if "mergekit" in runs and not args.mergekit_python:
         notes.append("mergekit skipped: give --mergekit-python")
         runs.remove("mergekit")
-    cli = Path(args.mergekit_rl)
-    for run, sub in (("ours_extract", "extract"), ("ours_add", "add"), ("ours_merge", "merge")):
-        if run in runs and not ours_has(cli, sub):
-            notes.append(f"{run} skipped: `{cli} {sub} --help` does not succeed yet")
-            runs.remove(run)
-    if "ours_add" in runs and "ours_extract" not in runs and not ours_has(cli, "extract"):
-        runs.remove("ours_add")
+    if not Path(args.mergekit_rl).exists():
+        ap.error(f"--mergekit-rl {args.mergekit_rl}: not found")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
 
-    results = {}
-    for s in sizes:
-        results[s] = run_size(s, args, runs, notes)
+    results = {s: run_size(s, args, runs, notes) for s in sizes}
     floor_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report(results, notes, floor_mb)
     if args.json:

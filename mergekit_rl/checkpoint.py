@@ -35,6 +35,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 LEGACY_NAMES = ("pytorch_model.bin.index.json", "pytorch_model.bin")
 DEFAULT_MAX_SHARD = 5 * 1000**3
+SAMPLE_BYTES = 4096  # per sampled window of a tensor in the default fingerprint
 
 # Files that travel with a model: the config, tokenizer and chat template.
 TOKENIZER_FILES = (
@@ -253,25 +254,31 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str, rows: tuple[int, int] | None = None, pin: bool = False
-             ) -> torch.Tensor:
-        """Read tensor `name` (or rows [r0, r1) of its first dimension) in its stored dtype."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, pin: bool = False,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor `name` (or rows [r0, r1) of its first dimension) in its stored dtype,
+        into `out` (a uint8 buffer of at least that many bytes, e.g. one reused for every block)
+        or a new buffer (pinned with `pin`). A file that cannot be read or has become shorter
+        than its header says is a CheckpointError naming it."""
         info = self.tensors[name]
         shape = info.shape
-        if self._legacy is not None:
-            t = self._legacy[name]
-            return (t if rows is None else t[rows[0]:rows[1]]).clone()
         start, nbytes = info.offset, info.nbytes
         if rows is not None:
             row_bytes = info.nbytes // shape[0] if shape[0] else 0
             start += rows[0] * row_bytes
             nbytes = (rows[1] - rows[0]) * row_bytes
             shape = (rows[1] - rows[0],) + shape[1:]
-        if self._fetch is not None:
-            data = bytearray(self._fetch(info.file, start, nbytes)) if nbytes else bytearray()
-            return torch.frombuffer(data, dtype=torch.uint8).view(info.dtype).reshape(shape) \
-                if nbytes else torch.empty(shape, dtype=info.dtype)
-        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) if out is None else \
+            out[:nbytes]
+        if self._fetch is not None:  # remote (header-only) checkpoint: HTTP range request
+            if nbytes:
+                buf.copy_(torch.frombuffer(bytearray(self._fetch(info.file, start, nbytes)),
+                                           dtype=torch.uint8))
+            return buf.view(info.dtype).reshape(shape)
+        if self._legacy is not None:
+            t = self._legacy[name]
+            t = t if rows is None else t[rows[0]:rows[1]]
+            return buf.view(info.dtype).reshape(shape).copy_(t)
         if nbytes:
             _pread_into(self._fd(info.file), buf.numpy(), start, info.file)
         return buf.view(info.dtype).reshape(shape)
@@ -279,7 +286,12 @@ class Checkpoint:
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            try:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot open it for reading "
+                                      f"({e.strerror or e}); check that it exists and is "
+                                      "readable") from None
         return fd
 
     def close(self) -> None:
@@ -306,7 +318,14 @@ class Checkpoint:
             raise CheckpointError(f"{p}: invalid JSON ({e})") from None
 
     def fingerprints(self, full_hash: bool = False) -> list[dict]:
-        """Per file: name, size, sha256 of the header (cheap) or of the whole file."""
+        """Per file: name, size, and `sha256` of the whole file (`full_hash`: a second full read)
+        or `sample_sha256`, of its header and of every tensor's first, middle and last
+        `SAMPLE_BYTES` (all of a smaller tensor; for a legacy file, 64 windows spread over it).
+
+        The sample costs a few MB of reads from the page cache the run just filled, and tells
+        apart any two models whose tensors differ broadly (every fine-tune, every merge),
+        which a header hash cannot: models of one shape share their header. A change confined
+        to bytes outside the windows goes unseen; `full_hash` is for that."""
         out = []
         for file in self.files:
             if self._fetch is not None:  # remote: the header is what we have
@@ -316,20 +335,48 @@ class Checkpoint:
             rec = {"file": file.name, "bytes": file.stat().st_size}
             if full_hash:
                 rec["sha256"] = file_sha256(file)
-            elif file in self.headers:
-                rec["header_sha256"] = hashlib.sha256(self.headers[file]).hexdigest()
+            else:
+                rec["sample_sha256"] = self._sample_sha256(file, rec["bytes"])
             out.append(rec)
         return out
+
+    def _sample_sha256(self, file: Path, size: int) -> str:
+        h = hashlib.sha256()
+        if file in self.headers:
+            h.update(self.headers[file])
+            spans = sorted((t.offset, t.nbytes) for t in self.tensors.values() if t.file == file)
+        else:  # legacy pickle: no tensor offsets
+            step = max(size // 64, 1)
+            spans = [(k * step, min(step, size - k * step)) for k in range(min(64, size))]
+        w = SAMPLE_BYTES
+        windows = []
+        for offset, nbytes in spans:
+            if nbytes <= 3 * w:
+                windows.append((offset, nbytes))
+            else:
+                windows += [(offset, w), (offset + (nbytes - w) // 2, w), (offset + nbytes - w, w)]
+        buf = bytearray(max((n for _, n in windows), default=0))
+        for offset, nbytes in windows:
+            view = memoryview(buf)[:nbytes]
+            _pread_into(self._fd(file), view, offset, file)
+            h.update(view)
+        return h.hexdigest()
 
 
 def _pread_into(fd: int, arr, offset: int, file: Path) -> None:
     view = memoryview(arr).cast("B")
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:  # EIO from a failing disk or a network filesystem going away
+            raise CheckpointError(f"{file}: read failed at byte {offset + done} "
+                                  f"({e.strerror or e}); check the disk or re-download the "
+                                  "file") from None
         if n <= 0:
-            raise CheckpointError(f"{file}: file ended early at byte {offset + done}; "
-                                  "it is truncated, re-download it")
+            raise CheckpointError(f"{file}: file ended early at byte {offset + done} (expected "
+                                  f"{offset + len(view)}); it is truncated or was changed "
+                                  "while being read, re-download it")
         done += n
 
 

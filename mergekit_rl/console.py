@@ -74,7 +74,12 @@ def tune_malloc() -> None:
 
 def tool_logging(quiet: bool, verbose: bool = False) -> None:
     """The weight commands' process set-up: the allocator tuned, `mergekit_rl` logging."""
+    import gc
+
     tune_malloc()
+    # The ~1M objects torch creates at import live as long as the process: out of the garbage
+    # collector's sight, its full passes (during a run and at exit) stop re-scanning them.
+    gc.freeze()
     setup_logging("mergekit_rl", quiet, verbose)
 
 

@@ -45,6 +45,7 @@ class Options:
     allow_vocab_mismatch: bool = False
     max_shard_size: int = DEFAULT_MAX_SHARD
     block_bytes: int = engine.DEFAULT_BLOCK_BYTES
+    threads: int | None = None  # CPU compute threads; None: engine.default_threads()
     full_hash: bool = False
     command: str = ""
 
@@ -55,8 +56,11 @@ class Options:
             engine.resolve_device(self.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.max_shard_size <= 0 or self.block_bytes <= 0:
-            raise ConfigError("--max-shard-size and the block size must be positive")
+        if self.max_shard_size <= 0:
+            raise ConfigError(f"--max-shard-size {self.max_shard_size}: must be positive")
+        if self.block_bytes <= 0:
+            raise ConfigError(f"--block-size {self.block_bytes}: must be positive")
+        engine.check_threads(self.threads)
 
     @property
     def selection(self) -> Selection:
@@ -76,6 +80,7 @@ class Result:
     seconds: float
     device: str
     notes: list[str] = field(default_factory=list)
+    engine: engine.Stats | None = None  # bytes moved and time per stage, for the summary
 
 
 @contextlib.contextmanager
@@ -142,14 +147,16 @@ def execute(kind: str, formula: str, sources: dict[str, hub.Source],
     device = engine.resolve_device(options.device)
     start = time.perf_counter()
     entries = [(i.name, i.dtype, i.shape) for i in plan.items]
+    engine.check_block_size(plan.items, options.block_bytes, whole_tensors)
     with atomic_folder(out, sum(i.nbytes for i in plan.items)) as tmp:
         writer = CheckpointWriter(tmp, entries, options.max_shard_size,
                                   metadata={"mergekit_rl": kind})
         try:
             total = writer.total_size
             callback = progress(total, len(plan.items)) if progress else None
-            engine.run(plan.items, ckpts, fn, writer, device, block_bytes=options.block_bytes,
-                       whole_tensors=whole_tensors, progress=callback)
+            stats = engine.run(plan.items, ckpts, fn, writer, device,
+                               block_bytes=options.block_bytes, whole_tensors=whole_tensors,
+                               threads=options.threads, progress=callback)
             writer.finish()
         finally:
             writer.close()
@@ -173,7 +180,7 @@ def execute(kind: str, formula: str, sources: dict[str, hub.Source],
         if finalize:
             finalize(tmp)
     return Result(out, len(plan.items), plan.computed, total, time.perf_counter() - start,
-                  str(device), plan.notes)
+                  str(device), plan.notes, stats)
 
 
 def _dtype_label(items: list[Item]) -> str:

@@ -218,10 +218,7 @@ def options_for(m: Manifest, base: Options) -> Options:
     shard = base.max_shard_size
     if m.max_shard_size and base.max_shard_size == Options().max_shard_size:
         shard = parse_size(m.max_shard_size)
-    return Options(dtype=dtype, include=base.include, exclude=base.exclude, device=base.device,
-                   overwrite=base.overwrite, allow_vocab_mismatch=base.allow_vocab_mismatch,
-                   max_shard_size=shard, block_bytes=base.block_bytes,
-                   full_hash=base.full_hash, command=base.command)
+    return dataclasses.replace(base, dtype=dtype, max_shard_size=shard)
 
 
 def output_path(m: Manifest, out: Path | None) -> Path:

@@ -76,7 +76,7 @@ def test_output_has_side_files_card_provenance_and_generates(tmp_path, tiny_mode
     rec = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert rec["kind"] == "model" and rec["formula"] == "target + 1·vector"
     assert [i["role"] for i in rec["inputs"]] == ["target", "vector"]
-    assert all("header_sha256" in f for i in rec["inputs"] for f in i["files"])
+    assert all("sample_sha256" in f for i in rec["inputs"] for f in i["files"])
     assert rec["command"].startswith("mergekit-rl add")
     vrec = json.loads((tmp_path / "vec" / "provenance.json").read_text())
     assert vrec["kind"] == "vector" and vrec["out_dtype"] == "float32"
