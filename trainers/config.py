@@ -283,6 +283,8 @@ def _convert(value: Any, hint: Any, field: str, source) -> Any:
             value = {shorthand: value}
         return from_dict(hint, value, source, field + ".")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in args:
             fail("one of " + ", ".join(map(str, args)))
         return value

@@ -74,14 +74,14 @@ class ChunkedLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, chunk, alignment):
         device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
+        dtype = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) \
             else weight.dtype
         w = weight.to(dtype)
         wide = torch.promote_types(dtype, torch.float32)  # the softmax's dtype
         logp = torch.empty(labels.shape, dtype=wide, device=hidden.device)
         lse = torch.empty_like(logp)
         norms = torch.zeros_like(logp)
-        with torch.autocast(device_type, enabled=False):
+        with _no_autocast(device_type):
             for s in range(0, hidden.shape[0], chunk):
                 z = _logits(hidden[s:s + chunk], w, bias, dtype, temperature)  # [c, V] fp32
                 lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
@@ -105,7 +105,7 @@ class ChunkedLogprob(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) \
             if need_b and bias is not None else None
-        with torch.autocast(hidden.device.type, enabled=False):
+        with _no_autocast(hidden.device.type):
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk]
                 g = grad_logp[s:s + chunk, None].to(wide) / temperature  # [c, 1]
@@ -121,6 +121,18 @@ class ChunkedLogprob(torch.autograd.Function):
                     grad_w += (dz.t() @ h.to(dtype)).to(wide)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and \
+        torch.is_autocast_enabled(device_type)
+
+
+def _no_autocast(device_type: str):
+    """The chunk's casts are explicit; autocast off (where the device has it at all)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _logits(h, w, bias, dtype, temperature) -> torch.Tensor:

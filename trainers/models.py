@@ -37,8 +37,11 @@ def meta_model(model: ModelConfig):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model.path, revision=model.revision)
+    kwargs = {"attn_implementation": model.attn_implementation} \
+        if model.attn_implementation else {}
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model.dtype))
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model.dtype),
+                                                **kwargs)
 
 
 def _matches(name: str, target: str) -> bool:
