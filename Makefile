@@ -30,6 +30,11 @@ bench: $(STAMP)
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/trainer_bench.py --threads 1
 
+# One short bf16 run of every trainer and sampler and the weight commands on CUDA (needs a GPU
+# torch in $(VENV): make gpu-smoke TORCH=torch). Add DEVICE=cpu to try it without a GPU.
+gpu-smoke: $(STAMP)
+	$(BIN)/python benchmarks/gpu_smoke.py --device $(or $(DEVICE),cuda)
+
 lint: $(STAMP)
 	$(BIN)/ruff check mergekit_rl trainers reasoning_demo tests benchmarks
 

@@ -118,11 +118,22 @@ def write_model(directory: Path, accelerator, model, tokenizer, config, state: d
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         unwrapped = accelerator.unwrap_model(model)
+        state_dict = _without_tied_aliases(unwrapped, state_dict)
         unwrapped.save_pretrained(directory, state_dict=state_dict,
                                   max_shard_size=max_shard_size)
         _write_side_files(directory, tokenizer, config, state, adapter=_is_adapter(unwrapped))
     accelerator.wait_for_everyone()
     return state_dict
+
+
+def _without_tied_aliases(model, state_dict: dict) -> dict:
+    """A gathered state dict holds a tied matrix under both names as separate copies, which
+    save_pretrained cannot recognise as shared: keep the parameter's own name only (the file
+    then has the input's layout: Qwen2.5's lm_head tied to the embedding is saved once)."""
+    own = {n for n, _ in model.named_parameters(remove_duplicate=True)} | \
+        {n for n, _ in model.named_buffers()}
+    aliases = set(model.state_dict()) - own
+    return {k: v for k, v in state_dict.items() if k not in aliases}
 
 
 def _is_adapter(model) -> bool:
