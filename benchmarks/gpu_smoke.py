@@ -9,9 +9,10 @@ fails; about a minute on one GPU (each case is its own `mergekit-rl` process).
 
 The cases are the table CASES, in order (later cases read what earlier ones wrote: GRPO and the
 samplers start from the SFT run, WPO trains on the sampled pairs, `extract` takes GRPO − SFT).
-A new trainer or sampler is one more line. `{work}`, `{manifests}` and `{device}` are filled in;
-(braces of YAML flow mappings doubled) every training case also gets the TRAIN overrides (bf16 autocast, a few steps, a checkpoint).
-The weight commands print their throughput.
+A new trainer or sampler is one more line. `{work}`, `{manifests}` and `{device}` are filled
+in (double the braces of a YAML flow mapping); every training case also gets the TRAIN
+overrides (bf16 autocast, a few steps, a checkpoint). The weight commands print their
+throughput.
 """
 
 from __future__ import annotations
