@@ -117,7 +117,9 @@ class ChunkedLogprob(torch.autograd.Function):
                 dz = dz.to(dtype)
                 if need_h:
                     grad_h[s:s + chunk] = (dz @ w).to(hidden.dtype)
-                if need_w:
+                if need_w and dtype == wide:
+                    grad_w.addmm_(dz.t(), h)  # in place: no second [V, H] per chunk
+                elif need_w:
                     grad_w += (dz.t() @ h.to(dtype)).to(wide)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)

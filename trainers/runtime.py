@@ -149,6 +149,13 @@ def check_launch(train: TrainConfig, model: ModelConfig, optim: OptimConfig, wor
                 raise TrainerConfigError(
                     f"deepspeed config {key}: {value}, but the trainer config gives {ours}; "
                     f"set it to \"auto\" in {env['ACCELERATE_DEEPSPEED_CONFIG_FILE']}")
+        if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" and \
+                env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false") != "true" and \
+                not ds.get("zero_optimization", {}).get(
+                    "stage3_gather_16bit_weights_on_model_save"):
+            raise TrainerConfigError(
+                "accelerate config zero3_save_16bit_model: false, but ZeRO-3 can hand the "
+                "trainer whole weights to save only with it; set zero3_save_16bit_model: true")
         clip = env.get("ACCELERATE_GRADIENT_CLIPPING", "none")
         if clip not in ("none", "") and optim.max_grad_norm is not None and \
                 float(clip) != optim.max_grad_norm:
@@ -210,6 +217,13 @@ def sharding(accelerator) -> str | None:
         stage = accelerator.state.deepspeed_plugin.zero_stage
         return "zero3" if stage == 3 else "zero"
     return None
+
+
+def load_model(*args, **kwargs):
+    """Moved to `trainers.models.load_model` (kept for callers of the old name)."""
+    from .models import load_model as load
+
+    return load(*args, **kwargs)
 
 
 def load_tokenizer(model: ModelConfig):

@@ -62,6 +62,7 @@ from .metrics import METRICS_FILE, MetricsLogger
 log = logging.getLogger(__name__)
 
 _DRY_RUN = contextvars.ContextVar("dry_run", default=False)
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 class DryRunComplete(Exception):  # noqa: N818 — not an error: the plan a dry run prints
@@ -208,7 +209,7 @@ class Run:
             self._stop = stop
             try:
                 yield
-            except torch.OutOfMemoryError:
+            except OUT_OF_MEMORY:
                 raise OutOfMemory(self._oom_message()) from None
             finally:
                 self._stop = None

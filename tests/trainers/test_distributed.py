@@ -33,12 +33,13 @@ TIMING = ("tokens_per_s", "step_s", "gen_s")
 COMMON = ["train.progress_bar=false", "train.report_to=[none]"]
 JOBS = {  # kind: overrides (model.path, data.path, output_dir added per test)
     "sft": ["train.max_steps=4", "train.save_steps=2", "train.batch_size=8",
-            "train.micro_batch_size=4"],
+            "train.micro_batch_size=4", "model.lm_head_chunk_size=16"],  # the chunked head
     "grpo": ["train.max_steps=2", "train.save_steps=null", "train.batch_size=32",
              "train.micro_batch_size=16", "grpo.beta=0.04", "optim.lr=1e-2",
              "grpo.max_completion_length=6", "grpo.rewards=[grpo_rewards:digit_fraction]"],
     "wpo": ["train.max_steps=3", "train.save_steps=null", "train.batch_size=4",
-            "train.micro_batch_size=2", "optim.lr=1e-2", "data.shuffle=false"],
+            "train.micro_batch_size=2", "optim.lr=1e-2", "data.shuffle=false",
+            "model.lm_head_chunk_size=16"],
 }
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to "

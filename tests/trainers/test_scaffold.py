@@ -316,3 +316,9 @@ def test_deepspeed_config_sections_the_trainer_owns(tiny_model, tmp_path, monkey
                                             *sets(f"model.path={tiny_model}",
                                                   f"train.output_dir={tmp_path / 'run'}")])
         assert result.exit_code == 1 and message in result.output, result.output
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    result = CliRunner().invoke(train, ["sft", str(MANIFESTS / "sft_tiny.yaml"), "-q",
+                                        *sets(f"model.path={tiny_model}",
+                                              f"train.output_dir={tmp_path / 'run'}")])
+    assert result.exit_code == 1 and "zero3_save_16bit_model: false" in result.output
