@@ -2,8 +2,8 @@
 
 `log π(y_t | x, y_<t)` is read from the logits at position t-1. Only the positions from the
 first completion token on go through the LM head (`logits_to_keep`). When those logits would be
-larger than one chunk (`CHUNK_ELEMENTS`, 128 MiB of float32; at Qwen2.5's 151,936-token vocabulary
-about 220 tokens), the head runs in token chunks inside the model's own forward (so under FSDP
+larger than one chunk (`CHUNK_ELEMENTS`, 64 MiB of float32; at Qwen2.5's 151,936-token vocabulary
+110 tokens), the head runs in token chunks inside the model's own forward (so under FSDP
 its weights are whole there) through `ChunkedLogprob`, which keeps per token only the log-sum-exp
 and recomputes each chunk's logits in backward: neither the [B, T, V] logits nor their float32
 copy ever exists whole. Smaller batches take the plain path (one chunk would hold them all).
@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ROW_BLOCK = 8  # sequences per log-softmax block of the plain path
-CHUNK_ELEMENTS = 2 ** 25  # logits per LM-head chunk: 128 MiB in float32
+CHUNK_ELEMENTS = 2 ** 24  # logits per LM-head chunk: 64 MiB in float32
 # Config fields of models whose forward changes the head's output (softcapping, scaling): the
 # chunked head would bypass that, so such models take the plain path.
 POSTPROCESSED = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -56,8 +56,9 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
 
 
 def _norm(z: torch.Tensor, lse: torch.Tensor, alignment: str) -> torch.Tensor:
-    if alignment == "sampled":
-        return torch.logsumexp(2 * z, dim=-1) - 2 * lse
+    """WPO's per-token normaliser from a chunk's logits z and their log-sum-exp."""
+    if alignment == "sampled":  # log Σ π² = logsumexp(2z) − 2·logsumexp(z), one [c, V] temporary
+        return (z - lse[:, None]).mul_(2).exp_().sum(-1).log_()
     if alignment == "greedy":
         return z.max(dim=-1).values - lse
     return torch.zeros_like(lse)
