@@ -41,6 +41,11 @@ bench: $(DEV)
 bench-train: $(DEV)
 	$(BIN)/python benchmarks/trainer_bench.py --threads 1
 
+# One short bf16 run of every trainer and sampler and the weight commands on CUDA (needs a GPU
+# torch in $(VENV): make gpu-smoke TORCH=torch). Add DEVICE=cpu to try it without a GPU.
+gpu-smoke: $(DEV)
+	$(BIN)/python benchmarks/gpu_smoke.py --device $(or $(DEVICE),cuda)
+
 lint: $(DEV)
 	$(BIN)/ruff check mergekit_rl trainers reasoning_demo tests benchmarks
 

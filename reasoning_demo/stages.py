@@ -238,7 +238,9 @@ def make_grpo(ctx: Context) -> str:
         "grpo": {"rewards": ["exact_answer"], "num_generations": r.grpo_group,
                  "max_prompt_length": 192, "max_completion_length": r.max_new_tokens,
                  "temperature": r.grpo_temperature, "beta": r.grpo_beta,
-                 "loss_type": "grpo", "scale_rewards": "group"}})
+                 "loss_type": "grpo", "scale_rewards": "group",
+                 # the process's RNG stream, as when the README's figures were measured
+                 "sample_seeding": "global"}})
     run_tool("grpo", cfg)
     rewards = logged(ctx.models / "grpo", "reward")
     return (f"train grpo {cfg.relative_to(ctx.out)}: {r.grpo_steps} steps, reward "

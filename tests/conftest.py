@@ -46,6 +46,20 @@ VARIANTS = {
 ROLES = ("base", "sft", "grpo", "instruct")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tokenised_data_cache(tmp_path_factory):
+    """The trainers' tokenised-data cache in a session folder, never in ~/.cache."""
+    import os
+
+    old = os.environ.get("MERGEKIT_RL_CACHE")
+    os.environ["MERGEKIT_RL_CACHE"] = str(tmp_path_factory.mktemp("mergekit_rl_cache"))
+    yield
+    if old is None:
+        os.environ.pop("MERGEKIT_RL_CACHE", None)
+    else:
+        os.environ["MERGEKIT_RL_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """Directory with the shared tiny tokenizer (tokenizer.json, config, chat template)."""

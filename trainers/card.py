@@ -31,8 +31,10 @@ def _metric(value) -> str:
     return str(value)
 
 
-def write_training_card(directory: Path, config, config_dict: dict, state: dict) -> None:
-    """README.md in `directory` for a model trained from `config.model.path`."""
+def write_training_card(directory: Path, config, config_dict: dict, state: dict,
+                        adapter: bool = False) -> None:
+    """README.md in `directory` for a model (or, with `adapter`, a PEFT adapter) trained from
+    `config.model.path`."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from mergekit_rl.provenance import card_license, hub_lineage
@@ -48,9 +50,12 @@ def write_training_card(directory: Path, config, config_dict: dict, state: dict)
         tags.append("c-rlft")
     if kind == "wpo":
         tags += ["dpo"] if not config.wpo.weighting else []
-    data = ModelCardData(library_name="transformers", tags=tags, license=license,
-                         base_model=lineage or None,
-                         base_model_relation="finetune" if lineage else None,
+    if adapter:
+        tags += ["lora", "peft"]
+    data = ModelCardData(library_name="peft" if adapter else "transformers", tags=tags,
+                         license=license, base_model=lineage or None,
+                         base_model_relation=("adapter" if adapter else "finetune")
+                         if lineage else None,
                          datasets=[config.data.path] if _hub_id(config.data.path) else None)
     metrics = state.get("metrics") or {}
     lines = [f"# {kind.upper()} model trained with mergekit-rl", "",
@@ -63,10 +68,16 @@ def write_training_card(directory: Path, config, config_dict: dict, state: dict)
         lines += ["", "Every logged step: `metrics.jsonl` in the training output folder.", ""]
     lines += ["## Recipe", "", f"`mergekit-rl train {kind} trainer_config.yaml`:", "", "```yaml",
               yaml.safe_dump(config_dict, sort_keys=False).rstrip(), "```", "",
-              "## Usage", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "model = AutoModelForCausalLM.from_pretrained(PATH_OR_REPO)",
-              "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)", "```", ""]
+              "## Usage", "", "```python"]
+    if adapter:
+        lines += ["from peft import AutoPeftModelForCausalLM",
+                  "model = AutoPeftModelForCausalLM.from_pretrained(PATH_OR_REPO)  # base + "
+                  "adapter", "model = model.merge_and_unload()  # optional: plain weights"]
+    else:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(PATH_OR_REPO)",
+                  "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)"]
+    lines += ["```", ""]
     if kind == "grpo":
         lines += ["The reasoning vector of this run is `mergekit-rl extract THIS_MODEL "
                   "SFT_START -o vector`.", ""]

@@ -84,13 +84,26 @@ def _train_command(kind: str, doc: str) -> click.Command:
                   help="Upload the final model (weights, tokenizer, config, model card) to this "
                        "Hub repo when training ends.")
     @click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
-    def command(config, overrides, quiet, verbose, resume, push_to_hub, private):
+    @click.option("--dry-run", is_flag=True,
+                  help="Check the config and data, print the batch arithmetic and a memory "
+                       "estimate per process, and stop; no weights are loaded.")
+    def command(config, overrides, quiet, verbose, resume, push_to_hub, private, dry_run):
         _setup_logging(quiet, verbose)
         with user_errors("no checkpoint was written for the current step", config, SECTIONS):
             from . import registry
+            from .scaffold import DryRunComplete
+            from .scaffold import dry_run as dry_run_mode
 
-            out = registry.run(kind, _quiet(registry.load(kind, config, overrides), quiet),
-                               resume=resume)
+            loaded = _quiet(registry.load(kind, config, overrides), quiet)
+            if dry_run:
+                with dry_run_mode():
+                    try:
+                        registry.run(kind, loaded, resume=resume)
+                    except DryRunComplete as done:
+                        click.echo(done.report)
+                        return
+                raise RuntimeError(f"train {kind} returned without calling Run.start")
+            out = registry.run(kind, loaded, resume=resume)
         if not quiet:
             click.echo(f"{kind}: model written to {out}")
         _push(out, push_to_hub, private, kind, quiet)

@@ -47,16 +47,44 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters through peft (https://arxiv.org/abs/2106.09685): ΔW = (alpha/r)·B·A."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # module names (peft's rule: a name or its last components) or "all-linear" (every linear
+    # layer but the output head)
+    target_modules: tuple[str, ...] = ("all-linear",)
+    merge: bool = False  # also write the merged full weights to output_dir/merged
+
+    def __post_init__(self):
+        require(self.r > 0, "r", f"expected a positive rank, got {self.r}")
+        require(self.alpha > 0, "alpha", "expected > 0")
+        require(0 <= self.dropout < 1, "dropout", "expected in [0, 1)")
+        require(bool(self.target_modules), "target_modules",
+                "expected module names such as [q_proj, v_proj], or [all-linear]")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str  # local folder or Hub id of the starting checkpoint
     revision: str | None = None
     tokenizer: str | None = None  # default: `path`
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype the weights train in
+    # dtype the weights are stored and updated in (master weights): keep float32 and let
+    # train.mixed_precision compute in bf16; bf16/fp16 weights lose small updates
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    allow_low_precision_weights: bool = False  # true: no warning for bf16/fp16 master weights
     attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"
     gradient_checkpointing: bool = False
+    lora: LoRAConfig | None = None  # train LoRA adapters instead of every weight (needs peft)
+    # tokens per LM-head chunk (log-probs without whole [B, T, V] logits); null: automatic
+    lm_head_chunk_size: int | None = None
 
     def __post_init__(self):
         require(bool(self.path), "path", "expected a model folder or Hub id")
+        require(self.lm_head_chunk_size is None or self.lm_head_chunk_size > 0,
+                "lm_head_chunk_size", "expected > 0 or null")
 
 
 @dataclass(frozen=True)
@@ -74,11 +102,24 @@ class DataConfig:
     chat: bool = True  # apply the tokenizer's chat template (False: plain text, for base models)
     max_examples: int | None = None
     shuffle: bool = True
+    # held-out rows for train.eval_steps: another file or Hub dataset, a split of `path`, or
+    # the first eval_size rows of `path` (after a seeded shuffle), kept out of training
+    eval_path: str | None = None
+    eval_split: str | None = None
+    eval_size: int | None = None
+    cache: bool = True  # reuse tokenised data (MERGEKIT_RL_CACHE, default ~/.cache/mergekit_rl)
 
     def __post_init__(self):
         require(bool(self.path), "path", "expected a data file or a datasets Hub id")
         require(self.max_examples is None or self.max_examples > 0, "max_examples",
                 "expected a positive number or null")
+        require(self.eval_size is None or self.eval_size > 0, "eval_size", "expected > 0 or null")
+        require(not (self.eval_size and (self.eval_path or self.eval_split)), "eval_size",
+                "held-out rows come from eval_path / eval_split or from eval_size, not both")
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_path or self.eval_split or self.eval_size)
 
 
 @dataclass(frozen=True)
@@ -116,7 +157,11 @@ class TrainConfig:
     save_total_limit: int | None = 2  # checkpoints kept in output_dir; null: all
     max_shard_size: str = "5GB"
     log_steps: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: fp32 weights with bf16 autocast on CUDA, plain fp32 elsewhere; fp16 adds a
+    # gradient scaler that skips overflowing steps
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    eval_steps: int | None = None  # evaluate on the held-out rows (data.eval_*) every N steps
+    metric_for_best: str | None = None  # default: eval/loss (sft, wpo), eval/reward (grpo)
     report_to: tuple[str, ...] = ("auto",)  # accelerate trackers; auto: tensorboard if installed
     progress_bar: bool = True
     overwrite_output_dir: bool = False  # start afresh in a folder that holds an earlier run
@@ -135,6 +180,8 @@ class TrainConfig:
         require(self.log_steps > 0, "log_steps", "expected > 0")
         require(self.num_threads is None or self.num_threads > 0, "num_threads",
                 "expected a positive number or null")
+        require(self.eval_steps is None or self.eval_steps > 0, "eval_steps",
+                "expected > 0 or null")
         for name in self.report_to:
             require(name in TRACKERS, "report_to", f"unknown tracker {name!r}; expected some of "
                     f"{', '.join(TRACKERS)}")
@@ -273,6 +320,8 @@ def _convert(value: Any, hint: Any, field: str, source) -> Any:
             value = {shorthand: value}
         return from_dict(hint, value, source, field + ".")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in args:
             fail("one of " + ", ".join(map(str, args)))
         return value
@@ -356,7 +405,8 @@ def resolve_paths(config, base: Path):
         changes["model"] = dataclasses.replace(config.model, path=local(config.model.path),
                                                tokenizer=local(config.model.tokenizer))
     if hasattr(config, "data"):
-        changes["data"] = dataclasses.replace(config.data, path=local(config.data.path))
+        changes["data"] = dataclasses.replace(config.data, path=local(config.data.path),
+                                              eval_path=local(config.data.eval_path))
     if hasattr(config, "train"):
         out = str(join_local(config.train.output_dir, base).resolve())
         changes["train"] = dataclasses.replace(config.train, output_dir=out)

@@ -12,11 +12,11 @@ any template that writes message contents verbatim (ChatML, Llama 3, Qwen2.5, ..
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from .config import DataConfig
 from .errors import TrainerConfigError
@@ -31,16 +31,26 @@ Messages = list[dict[str, str]]
 # ---------------------------------------------------------------------------------------------
 # Rows
 
-def load_rows(cfg: DataConfig, required: tuple[str, ...]) -> list[dict[str, Any]]:
+class Rows(list):
+    """Rows of a dataset (dicts) with `fingerprint`: a hash of the data they were read from
+    (the file's bytes, or the `datasets` fingerprint), for caching what is derived from them."""
+
+    fingerprint: str = ""
+
+
+def load_rows(cfg: DataConfig, required: tuple[str, ...], field: str = "data.path") -> Rows:
     """Rows of the dataset as dicts; every field in `required` must be present in every row."""
     from mergekit_rl.hub import local_path
 
     path = local_path(cfg.path)
-    rows = _load_hub(cfg) if path is None else _read_file(path)
+    rows, fingerprint = _load_hub(cfg) if path is None else _read_file(path)
     if not rows:
-        raise TrainerConfigError(f"data.path: {cfg.path} has no rows")
+        raise TrainerConfigError(f"{field}: {cfg.path} has no rows")
     if cfg.max_examples is not None:
         rows = rows[: cfg.max_examples]
+    rows = Rows(rows)
+    rows.fingerprint = hashlib.sha256(
+        f"{fingerprint}:{cfg.max_examples}:{cfg.split}:{cfg.name}".encode()).hexdigest()
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise TrainerConfigError(f"data.path: {cfg.path} row {i} is not a mapping")
@@ -59,9 +69,44 @@ def _field_option(field: str, cfg: DataConfig) -> str:
     return "prompt_template"
 
 
-def _read_file(path: Path) -> list[dict]:
+def load_splits(cfg: DataConfig, required: tuple[str, ...], seed: int
+                ) -> tuple[Rows, Rows | None]:
+    """(training rows, held-out rows or None): the held-out rows come from `data.eval_path`
+    (split `data.eval_split`, default `data.split`), from split `data.eval_split` of
+    `data.path`, or are `data.eval_size` rows of `data.path` drawn with `seed` and left out of
+    training (the rest keep their order)."""
+    import dataclasses
+
+    rows = load_rows(cfg, required)
+    if cfg.eval_size:
+        if cfg.eval_size >= len(rows):
+            raise TrainerConfigError(f"data.eval_size: {cfg.eval_size} held-out rows leave none "
+                                     f"of the {len(rows)} rows to train on")
+        import torch
+
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+        held = set(order[:cfg.eval_size].tolist())
+        train = Rows(r for i, r in enumerate(rows) if i not in held)
+        held_out = Rows(r for i, r in enumerate(rows) if i in held)
+        train.fingerprint = held_out.fingerprint = f"{rows.fingerprint}:{seed}:{cfg.eval_size}"
+        train.fingerprint += ":train"
+        return train, held_out
+    if cfg.eval_path or cfg.eval_split:
+        other = dataclasses.replace(cfg, path=cfg.eval_path or cfg.path,
+                                    split=cfg.eval_split or cfg.split, max_examples=None)
+        field = "data.eval_path" if cfg.eval_path else "data.eval_split"
+        return rows, load_rows(other, required, field)
+    return rows, None
+
+
+def _read_file(path: Path) -> tuple[list[dict], str]:
     if not path.is_file():
         raise TrainerConfigError(f"data.path: {path} not found")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _parse_file(path), digest
+
+
+def _parse_file(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -89,7 +134,7 @@ def _read_file(path: Path) -> list[dict]:
     return rows
 
 
-def _load_hub(cfg: DataConfig) -> list[dict]:
+def _load_hub(cfg: DataConfig) -> tuple[list[dict], str]:
     try:
         import datasets
     except ImportError:
@@ -101,7 +146,7 @@ def _load_hub(cfg: DataConfig) -> list[dict]:
     except Exception as e:  # datasets raises many types (network, missing config, ...)
         raise TrainerConfigError(f"data.path: cannot load dataset {cfg.path!r} "
                                  f"(name={cfg.name!r}, split={cfg.split!r}): {e}") from None
-    return ds.to_list()
+    return ds.to_list(), f"{cfg.path}:{getattr(ds, '_fingerprint', '')}"
 
 
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:

@@ -31,3 +31,8 @@ class TrainingInterrupted(TrainerError, Interrupted):
     def __init__(self, message: str, signum: int, checkpoint: str):
         Interrupted.__init__(self, message, signum)
         self.checkpoint = checkpoint
+
+
+class OutOfMemory(TrainerError):
+    """The accelerator ran out of memory in a step; the message names the step, the micro-batch
+    size and what to lower."""

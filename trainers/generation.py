@@ -59,24 +59,67 @@ def cut_at_stop(tokens: list[int], stops: set[int], keep_stop: bool = True) -> l
     return tokens[:end + 1] if keep_stop else tokens[:end]
 
 
+class SeededSampler:
+    """A logits processor that turns greedy decoding into sampling from per-row generators:
+    argmax(z + Gumbel noise) is a draw from softmax(z) (the Gumbel-max trick), and row r's
+    noise comes from its own generator, so its sample depends on its seed alone, not on which
+    rows share the batch or the process. Put it after the temperature / top-k / top-p warpers
+    (HF's sampling applies the same warpers, then draws from the softmax)."""
+
+    def __init__(self, seeds: list[int], device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        u = torch.stack([torch.rand(vocab, generator=g, device=scores.device)
+                         for g in self.generators])  # [b, V]
+        tiny = torch.finfo(u.dtype).tiny
+        return scores.float() - torch.log(-torch.log(u.clamp(min=tiny)))
+
+
+def _seeded_processors(params, seeds: list[int], device):
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = []
+    if params.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    return LogitsProcessorList(warpers + [SeededSampler(seeds, device)])
+
+
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], params, pad_id: int, eos_ids: set[int], device
-           ) -> list[list[int]]:
+def sample(model, prompts: list[list[int]], params, pad_id: int, eos_ids: set[int], device,
+           seeds: list[int] | None = None, synced_gpus: bool = False) -> list[list[int]]:
     """One sampled completion per prompt (repeat prompts for G), cut after the first stop token.
 
     `params` has temperature, top_p, top_k (0: off), max_completion_length and
-    generation_batch_size (sequences per `generate` call; None: all at once).
+    generation_batch_size (sequences per `generate` call; None: all at once). With `seeds` (one
+    per prompt) each completion draws from its own generator (`SeededSampler`); without, from
+    the process's RNG. `synced_gpus`: every process runs the same number of decoding steps
+    (needed when the weights are sharded).
     """
     from transformers import GenerationConfig
 
     # Every sampling knob is set explicitly: transformers fills unset (None) fields from the
     # model's generation_config (Qwen2.5: top_k 20, top_p 0.8, repetition_penalty 1.05), which
     # would sample from a distribution other than the π the loss assumes.
-    gen = GenerationConfig(
-        do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-        min_p=0.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        max_new_tokens=params.max_completion_length, num_beams=1, use_cache=True,
-        pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
+    knobs = dict(min_p=0.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                 max_new_tokens=params.max_completion_length, num_beams=1, use_cache=True,
+                 pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
+    if seeds is None:
+        gen = GenerationConfig(do_sample=True, temperature=params.temperature,
+                               top_p=params.top_p, top_k=params.top_k, **knobs)
+    else:  # greedy over Gumbel-perturbed, warped logits: the warpers come as processors
+        gen = GenerationConfig(do_sample=False, temperature=None, top_p=None, top_k=None,
+                               **knobs)
     was_training = model.training
     model.eval()  # gradient checkpointing would switch the KV cache off in train mode
     chunk = params.generation_batch_size or len(prompts)
@@ -84,8 +127,11 @@ def sample(model, prompts: list[list[int]], params, pad_id: int, eos_ids: set[in
     for start in range(0, len(prompts), chunk):
         ids, mask = left_pad(prompts[start:start + chunk], pad_id)
         width = ids.shape[1]
+        extra = {} if seeds is None else {"logits_processor": _seeded_processors(
+            params, seeds[start:start + chunk], device)}
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             generation_config=gen)[:, width:].tolist()
+                             generation_config=gen, synced_gpus=synced_gpus,
+                             **extra)[:, width:].tolist()
         completions += [cut_at_stop(tokens, eos_ids) for tokens in out]
     model.train(was_training)
     return completions
@@ -93,7 +139,7 @@ def sample(model, prompts: list[list[int]], params, pad_id: int, eos_ids: set[in
 
 @torch.no_grad()
 def greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, stops: set[int],
-           batch_size: int = 256) -> list[list[int]]:
+           batch_size: int = 256, synced_gpus: bool = False) -> list[list[int]]:
     """The greedy continuation of each prompt, up to (not including) its first stop token."""
     from transformers import GenerationConfig
 
@@ -110,7 +156,8 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, st
         ids, mask = left_pad(prompts[start:start + batch_size], pad_id)
         width = ids.shape[1]
         tokens = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                generation_config=config)[:, width:].tolist()
+                                generation_config=config,
+                                synced_gpus=synced_gpus)[:, width:].tolist()
         out += [cut_at_stop(t, stops, keep_stop=False) for t in tokens]
     model.train(was_training)
     return out

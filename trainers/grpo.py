@@ -12,10 +12,10 @@ on that batch with the clipped-ratio loss plus β·KL_k3 to the frozen starting 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
-from .data import epoch_order, load_rows, prompt_value, render_generation_prompt
+from .data import epoch_order, load_splits, prompt_value, render_generation_prompt
 from .errors import TrainerConfigError
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,10 @@ class GRPOParams:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     num_iterations: int = 1  # optimizer steps per generation round (μ)
+    # prompt: each completion draws from its own generator, seeded by (train.seed, round,
+    # prompt, sample), so samples do not depend on the number of processes or on batching;
+    # global: one RNG stream per process (TRL's way)
+    sample_seeding: Literal["prompt", "global"] = "prompt"
 
     def __post_init__(self):
         require(len(self.rewards) > 0, "rewards", "expected at least one reward function")
@@ -136,7 +140,7 @@ def pad_rollout(prompts: list[list[int]], completions: list[list[int]], pad_id: 
         attention[row, width_p - len(p):width_p + len(c)] = 1
         completion[row, width_p:width_p + len(c)] = 1
     return {"input_ids": ids.to(device), "attention_mask": attention.to(device),
-            "completion_mask": completion.to(device)}
+            "completion_mask": completion.to(device), "start": max(width_p, 1)}
 
 
 def score(reward_fns: list, specs: tuple[RewardSpec, ...], prompts: list, completions: list[str],
@@ -182,23 +186,68 @@ class Prompts:
     ids: list[list[int]]
 
 
-def load_prompts(config: GRPOConfig, tokenizer) -> Prompts:
+@dataclass
+class PromptIds:
+    ids: list[int]
+
+
+def load_prompts(config: GRPOConfig, tokenizer, accelerator=None) -> tuple[Prompts,
+                                                                           Prompts | None]:
+    """The training prompts and the held-out ones (None without data.eval_*), tokenised
+    through the cache."""
+    from .config import to_dict
+    from .datacache import cached, tokenizer_fingerprint
+
     data, params = config.data, config.grpo
     if data.chat and tokenizer.chat_template is None:
         raise TrainerConfigError("data.chat: the tokenizer has no chat template; set false")
-    rows = load_rows(data, () if data.prompt_template else (data.prompt_field,))
-    values = [prompt_value(row, data) for row in rows]
-    ids = [tokenizer(render_generation_prompt(tokenizer, p, data),
-                     add_special_tokens=False)["input_ids"] for p in values]
-    cut = sum(len(p) > params.max_prompt_length for p in ids)
-    if cut:
-        log.warning("%d prompts are longer than grpo.max_prompt_length %d; their first tokens "
-                    "are dropped", cut, params.max_prompt_length)
-    return Prompts(rows, values, [p[-params.max_prompt_length:] for p in ids])
+    required = () if data.prompt_template else (data.prompt_field,)
+    splits = load_splits(data, required, config.train.seed)
+    key = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": to_dict(data),
+           "max_prompt_length": params.max_prompt_length}
+
+    def encode(values):
+        ids = [tokenizer(render_generation_prompt(tokenizer, p, data),
+                         add_special_tokens=False)["input_ids"] for p in values]
+        cut = sum(len(p) > params.max_prompt_length for p in ids)
+        if cut:
+            log.warning("%d prompts are longer than grpo.max_prompt_length %d; their first "
+                        "tokens are dropped", cut, params.max_prompt_length)
+        return [PromptIds(p[-params.max_prompt_length:]) for p in ids]
+
+    out = []
+    for rows in splits:
+        if rows is None:
+            out.append(None)
+            continue
+        values = [prompt_value(row, data) for row in rows]
+        ids = cached("grpo", {**key, "rows": rows.fingerprint},
+                     lambda values=values: encode(values), PromptIds, accelerator, data.cache)
+        out.append(Prompts(rows, values, [p.ids for p in ids]))
+    return out[0], out[1]
+
+
+def sample_seed(seed: int, round_index: int, prompt: int, sample_index: int) -> int:
+    """The generator seed of one completion: a hash of where it is in the run."""
+    text = f"{seed}:{round_index}:{prompt}:{sample_index}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+def weighted_total(rewards: torch.Tensor, specs) -> torch.Tensor:
+    """[N, F] rewards -> [N] weighted sum; NaN where no function gave a reward."""
+    weights = torch.tensor([s.weight for s in specs])
+    total = (rewards * weights).nansum(dim=1)
+    total[torch.isnan(rewards).all(dim=1)] = math.nan  # no reward applied: no signal
+    return total
+
+
+def columns_of(prompts: Prompts, indices: list[int], prompt_field: str) -> dict[str, list]:
+    keys = sorted({k for j in indices for k in prompts.rows[j]} - {prompt_field})
+    return {k: [prompts.rows[j].get(k) for j in indices] for k in keys}
 
 
 def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_fns: list,
-            stops: set[int]) -> tuple[list[dict], dict, float]:
+            stops: set[int], seeds: list[int] | None) -> tuple[list[dict], dict, float]:
     """Sample this process's completions (each prompt index in `mine` once per completion),
     score them, and give group-relative advantages over the global batch.
 
@@ -211,17 +260,16 @@ def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_f
 
     params, data, tokenizer = config.grpo, config.data, run.tokenizer
     t0 = time.perf_counter()
-    completions = sample(run.policy, [prompts.ids[j] for j in mine], params,
-                         tokenizer.pad_token_id, stops, run.device)
+    with run.generation() as policy:
+        completions = sample(policy, [prompts.ids[j] for j in mine], params,
+                             tokenizer.pad_token_id, stops, run.device, seeds=seeds,
+                             synced_gpus=run.synced)
     gen_seconds = time.perf_counter() - t0
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    keys = sorted({k for j in mine for k in prompts.rows[j]} - {data.prompt_field})
-    columns = {k: [prompts.rows[j].get(k) for j in mine] for k in keys}
-    local = score(reward_fns, params.rewards, [prompts.values[j] for j in mine], texts, columns)
+    local = score(reward_fns, params.rewards, [prompts.values[j] for j in mine], texts,
+                  columns_of(prompts, mine, data.prompt_field))
     rewards = gather(local.to(run.device)).cpu()  # [B, F], in process order
-    weights = torch.tensor([s.weight for s in params.rewards])
-    total = (rewards * weights).nansum(dim=1)
-    total[torch.isnan(rewards).all(dim=1)] = math.nan  # no reward applied: no signal
+    total = weighted_total(rewards, params.rewards)
     advantages = group_advantages(total, params.num_generations, params.scale_rewards)
     advantages = advantages[run.rank * len(mine):(run.rank + 1) * len(mine)].to(run.device)
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
@@ -241,6 +289,46 @@ def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_f
     return pieces, metrics, float(lengths.sum())
 
 
+def piece_loss(model, piece: dict, params: GRPOParams, *, temperature: float,
+               eps_high: float, num_sequences: int, num_tokens: torch.Tensor,
+               chunk_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The clipped-ratio loss of one micro-batch of rollouts (global normalisers), tensor code
+    only: no host syncs, nothing made on the CPU."""
+    from .logprobs import token_logprobs
+    from .losses.policy import grpo_token_loss
+
+    logp = token_logprobs(model, piece["input_ids"], piece["attention_mask"],
+                          piece["completion_mask"], temperature, start=piece["start"],
+                          chunk_size=chunk_size)  # [b, T]
+    old = piece["old"] if piece.get("old") is not None else logp.detach()
+    return grpo_token_loss(
+        logp, old, piece.get("ref"), piece["advantages"], piece["completion_mask"],
+        eps_low=params.epsilon, eps_high=eps_high, beta=params.beta,
+        aggregation=params.loss_type, max_completion_length=params.max_completion_length,
+        num_sequences=num_sequences, num_tokens=num_tokens)
+
+
+def evaluate(run, config: GRPOConfig, prompts: Prompts, reward_fns: list, stops: set[int]
+             ) -> dict:
+    """Mean weighted reward of the greedy completion of each held-out prompt."""
+    from .generation import greedy
+
+    params = config.grpo
+    share, real = run.my_share(len(prompts.ids))
+    with run.generation() as policy:
+        completions = greedy(policy, [prompts.ids[j] for j in share],
+                             params.max_completion_length, run.tokenizer.pad_token_id, stops,
+                             params.generation_batch_size or 256, synced_gpus=run.synced)
+    texts = run.tokenizer.batch_decode(completions[:real], skip_special_tokens=True)
+    mine = share[:real]
+    total = weighted_total(score(reward_fns, params.rewards, [prompts.values[j] for j in mine],
+                                 texts, columns_of(prompts, mine, config.data.prompt_field)),
+                           params.rewards)
+    sums = torch.tensor([float(torch.nansum(total)), float((~torch.isnan(total)).sum())])
+    sums = run.reduce_sum(sums.to(run.device)).tolist()
+    return {"reward": sums[0] / max(sums[1], 1.0)}
+
+
 def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
     """Run GRPO as configured; return the output folder (final model, tokenizer, config).
 
@@ -248,7 +336,6 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
     """
     from .generation import stop_token_ids
     from .logprobs import token_logprobs
-    from .losses.policy import grpo_token_loss
     from .rewards import resolve_reward
     from .scaffold import Run
 
@@ -264,23 +351,37 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
             reward_fns.append(resolve_reward(spec.name, spec.kwargs))
         except ValueError as e:
             raise TrainerConfigError(f"grpo.rewards.{j}.name: {e}") from None
-    prompts = load_prompts(config, run.tokenizer)
+    prompts, held_out = load_prompts(config, run.tokenizer, run.accelerator)
     prompts_per_step = train.batch_size // group
     rounds_per_epoch = len(prompts.rows) // prompts_per_step
     if rounds_per_epoch == 0:
         raise TrainerConfigError(f"train.batch_size: {prompts_per_step} prompts per step is more "
                                  f"than the {len(prompts.rows)} rows")
     max_steps = train.max_steps or math.ceil(train.epochs * rounds_per_epoch) * mu
-    ref = run.load_reference() if params.beta > 0 else None
+    longest = max(len(p) for p in prompts.ids)
     run.start(max_steps, lambda step: {"round": step // mu,
-                                       "prompts_seen": step // mu * prompts_per_step})
+                                       "prompts_seen": step // mu * prompts_per_step},
+              plan={"unit": "completions",
+                    "lines": [f"{prompts_per_step} prompts x G {group} = {train.batch_size} "
+                              f"completions per round ({local_prompts} prompts, "
+                              f"{local_prompts * group} completions per process, generated "
+                              f"{params.generation_batch_size or local_prompts * group} "
+                              f"sequences at a time), {mu} step(s) per round; "
+                              f"{len(prompts.rows):,} prompts"
+                              + (f", {len(held_out.rows):,} held out" if held_out else "")],
+                    "sequence_length": longest + params.max_completion_length,
+                    "reference": params.beta > 0,
+                    "hint": "grpo.generation_batch_size, grpo.max_completion_length"})
+    ref = run.load_reference() if params.beta > 0 else None
     stops = stop_token_ids(run.tokenizer, run.policy)
     eps_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
+    chunk = config.model.lm_head_chunk_size
 
-    def logps_of(net, piece, grad: bool) -> torch.Tensor:
-        with nullcontext() if grad else torch.no_grad(), run.accelerator.autocast():
+    def logps_of(net, piece) -> torch.Tensor:
+        with torch.no_grad(), run.autocast():
             return token_logprobs(net, piece["input_ids"], piece["attention_mask"],
-                                  piece["completion_mask"], params.temperature)
+                                  piece["completion_mask"], params.temperature,
+                                  start=piece["start"], chunk_size=chunk)
 
     metrics: dict = {}
     orders: dict[int, list[int]] = {}
@@ -288,33 +389,33 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
         while run.step < run.max_steps:
             # ---- generation round: this process's prompts, G completions each --------------
             t0 = time.perf_counter()
-            epoch, offset = divmod(run.step // mu, rounds_per_epoch)
+            round_index = run.step // mu
+            epoch, offset = divmod(round_index, rounds_per_epoch)
             if epoch not in orders:
                 orders = {epoch: epoch_order(len(prompts.rows), epoch, train.seed,
                                              config.data.shuffle)}
             batch = orders[epoch][offset * prompts_per_step:(offset + 1) * prompts_per_step]
-            mine = [j for j in batch[run.rank * local_prompts:(run.rank + 1) * local_prompts]
-                    for _ in range(group)]  # each prompt G times, consecutive
+            mine_prompts = batch[run.rank * local_prompts:(run.rank + 1) * local_prompts]
+            mine = [j for j in mine_prompts for _ in range(group)]  # each prompt G times
+            seeds = [sample_seed(train.seed, round_index, j, g) for j in mine_prompts
+                     for g in range(group)] if params.sample_seeding == "prompt" else None
             pieces, round_metrics, num_tokens = rollout(run, config, prompts, mine, reward_fns,
-                                                        stops)
+                                                        stops, seeds)
             for piece in pieces:
                 # π_old is needed only when the batch is reused; otherwise logp.detach() is it.
-                piece["old"] = logps_of(run.model, piece, grad=False) if mu > 1 else None
-                piece["ref"] = logps_of(ref, piece, grad=False) if ref is not None else None
+                piece["old"] = logps_of(run.model, piece) if mu > 1 else None
+                piece["ref"] = logps_of(ref, piece) if ref is not None else None
+            num_tokens = torch.tensor(num_tokens, device=run.device)
 
             # ---- μ optimizer steps on this batch ------------------------------------------
             for _ in range(mu):
                 sums = torch.zeros(6, device=run.device)  # loss, kl, clip low/high/region, tokens
                 for k, piece in enumerate(pieces):
                     with run.accumulate(last=k == len(pieces) - 1):
-                        logp = logps_of(run.model, piece, grad=True)  # [b, T]
-                        loss, m = grpo_token_loss(
-                            logp, piece["old"] if mu > 1 else logp.detach(), piece["ref"],
-                            piece["advantages"], piece["completion_mask"],
-                            eps_low=params.epsilon, eps_high=eps_high, beta=params.beta,
-                            aggregation=params.loss_type,
-                            max_completion_length=params.max_completion_length,
-                            num_sequences=train.batch_size, num_tokens=num_tokens)
+                        loss, m = piece_loss(run.model, piece, params,
+                                             temperature=params.temperature, eps_high=eps_high,
+                                             num_sequences=train.batch_size,
+                                             num_tokens=num_tokens, chunk_size=chunk)
                         # Global normalisers make each piece's share exact. bnpo is per
                         # micro-batch by definition: average the pieces (`backward` multiplies
                         # by `world`, which the 1/world here undoes).
@@ -331,7 +432,10 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
                 metrics = {"loss": loss_value, **round_metrics, "kl": sums[1] / tokens,
                            "clip_ratio/low": sums[2] / tokens, "clip_ratio/high": sums[3] / tokens,
                            "clip_ratio/region": sums[4] / tokens, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": num_tokens / seconds, "step_s": seconds}
+                           "tokens_per_s": float(num_tokens) / seconds, "step_s": seconds}
+                if held_out is not None:
+                    metrics |= run.evaluate(lambda: evaluate(run, config, held_out, reward_fns,
+                                                             stops))
                 t0 = time.perf_counter()
                 run.log(metrics)
             run.checkpoint_or_stop(metrics)  # between rounds

@@ -1,15 +1,34 @@
 """Per-token log-probabilities of a causal LM, the quantity every loss here is built from.
 
-`log π(y_t | x, y_<t)` is read from the logits at position t-1. Only the positions that predict
-completion tokens go through the LM head (`logits_to_keep`), and the log-softmax is taken one
-row block at a time in float32, so a [B, T, V] float32 tensor is never materialised whole.
+`log π(y_t | x, y_<t)` is read from the logits at position t-1. Only the positions from the
+first completion token on go through the LM head (`logits_to_keep`). When those logits would be
+larger than one chunk (`CHUNK_ELEMENTS`, 64 MiB of float32; at Qwen2.5's 151,936-token vocabulary
+110 tokens), the head runs in token chunks inside the model's own forward (so under FSDP
+its weights are whole there) through `ChunkedLogprob`, which keeps per token only the log-sum-exp
+and recomputes each chunk's logits in backward: neither the [B, T, V] logits nor their float32
+copy ever exists whole. Smaller batches take the plain path (one chunk would hold them all).
+
+WPO's alignment normaliser is taken on the same chunk: `log Σ_v π(v)² = logsumexp(2z) −
+2·logsumexp(z)` (sampled) or `max z − logsumexp(z)` (greedy), detached.
+
+The step code passes `start` (the first completion column, a host-side int the collate step
+knows): finding it from the mask would be a host sync inside the step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
-ROW_BLOCK = 8  # sequences per log-softmax block: bounds the float32 copy of the logits
+log = logging.getLogger(__name__)
+
+ROW_BLOCK = 8  # sequences per log-softmax block of the plain path
+CHUNK_ELEMENTS = 2 ** 24  # logits per LM-head chunk: 64 MiB in float32
+# Config fields of models whose forward changes the head's output (softcapping, scaling): the
+# chunked head would bypass that, so such models take the plain path.
+POSTPROCESSED = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -17,8 +36,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def first_completion_column(completion_mask: torch.Tensor) -> int:
+    """The first column with a completion token (a host sync: keep it out of step code)."""
+    columns = completion_mask.bool().any(0).nonzero()
+    return max(int(columns[0]) if len(columns) else completion_mask.shape[1], 1)
+
+
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`log_softmax(logits)[..., index]` in float32 without a full [B, T, V] float32 copy.
+    """`log_softmax(logits)[..., index]` in float32, a row block at a time.
 
     logits: [B, T, V], index: [B, T] -> [B, T]
     """
@@ -30,29 +55,178 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return out
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   completion_mask: torch.Tensor | None = None, temperature: float = 1.0
-                   ) -> torch.Tensor:
+def _norm(z: torch.Tensor, lse: torch.Tensor, alignment: str) -> torch.Tensor:
+    """WPO's per-token normaliser from a chunk's logits z and their log-sum-exp."""
+    if alignment == "sampled":  # log Σ π² = logsumexp(2z) − 2·logsumexp(z), one [c, V] temporary
+        return (z - lse[:, None]).mul_(2).exp_().sum(-1).log_()
+    if alignment == "greedy":
+        return z.max(dim=-1).values - lse
+    return torch.zeros_like(lse)
+
+
+class ChunkedLogprob(torch.autograd.Function):
+    """logp[n] = log_softmax(h[n] Wᵀ + b)[y[n]] / τ-tempered, token chunks of `chunk` rows.
+
+    Saves h, W and the per-token log-sum-exp; backward recomputes each chunk's logits:
+    ∂logp/∂z = onehot(y) − softmax(z), so ∂h = g·(onehot − p)·W/τ and ∂W = Σ g·(onehot − p)ᵀh/τ.
+    Under autocast the matmuls run in the autocast dtype, the softmax in float32 (or wider).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, chunk, alignment):
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) \
+            else weight.dtype
+        w = weight.to(dtype)
+        wide = torch.promote_types(dtype, torch.float32)  # the softmax's dtype
+        logp = torch.empty(labels.shape, dtype=wide, device=hidden.device)
+        lse = torch.empty_like(logp)
+        norms = torch.zeros_like(logp)
+        with _no_autocast(device_type):
+            for s in range(0, hidden.shape[0], chunk):
+                z = _logits(hidden[s:s + chunk], w, bias, dtype, temperature)  # [c, V] fp32
+                lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+                logp[s:s + chunk] = z.gather(-1, labels[s:s + chunk, None])[:, 0] - \
+                    lse[s:s + chunk]
+                if alignment is not None:
+                    norms[s:s + chunk] = _norm(z, lse[s:s + chunk], alignment)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.settings = (temperature, chunk, dtype)
+        ctx.mark_non_differentiable(norms)
+        return logp, norms
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_norms):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        temperature, chunk, dtype = ctx.settings
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        wide = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) \
+            if need_b and bias is not None else None
+        with _no_autocast(hidden.device.type):
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s:s + chunk]
+                g = grad_logp[s:s + chunk, None].to(wide) / temperature  # [c, 1]
+                z = _logits(h, w, bias, dtype, temperature)
+                dz = z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)  # −g·softmax, in place
+                dz.scatter_add_(-1, labels[s:s + chunk, None], g)  # + g at the label
+                if grad_b is not None:
+                    grad_b += dz.sum(0)
+                dz = dz.to(dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = (dz @ w).to(hidden.dtype)
+                if need_w and dtype == wide:
+                    grad_w.addmm_(dz.t(), h)  # in place: no second [V, H] per chunk
+                elif need_w:
+                    grad_w += (dz.t() @ h.to(dtype)).to(wide)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and \
+        torch.is_autocast_enabled(device_type)
+
+
+def _no_autocast(device_type: str):
+    """The chunk's casts are explicit; autocast off (where the device has it at all)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _logits(h, w, bias, dtype, temperature) -> torch.Tensor:
+    z = h.to(dtype) @ w.t()
+    if bias is not None:
+        z = z + bias.to(dtype)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    return z / temperature if temperature != 1.0 else z
+
+
+def output_head(model):
+    """The LM head the forward calls, found through DDP/FSDP/DeepSpeed/peft wrappers and the
+    LoRA reference; None when only the plain path is safe."""
+    owner = model.head_owner() if hasattr(model, "head_owner") else model
+    while hasattr(owner, "module") and not hasattr(owner, "get_output_embeddings"):
+        owner = owner.module  # DDP, DeepSpeed engines
+    config = getattr(owner, "config", None)
+    if any(getattr(config, name, None) for name in POSTPROCESSED):
+        return None
+    head = owner.get_output_embeddings() if hasattr(owner, "get_output_embeddings") else None
+    return head if type(head) is torch.nn.Linear else None
+
+
+@contextlib.contextmanager
+def chunked_head(head: torch.nn.Linear, labels: torch.Tensor, temperature: float, chunk: int,
+                 alignment: str | None):
+    """While active, `head(hidden)` returns [B, K, 2] (log-prob of `labels`, normaliser)
+    instead of [B, K, V] logits; `labels` [B, K] are the tokens each position predicts."""
+    def forward(hidden):  # [B, K, H]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        logp, norms = ChunkedLogprob.apply(flat, head.weight, head.bias, labels.reshape(-1),
+                                           temperature, chunk, alignment)
+        return torch.stack([logp, norms], -1).view(*labels.shape, 2)
+
+    head.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   completion_mask: torch.Tensor | None = None, temperature: float = 1.0, *,
+                   start: int | None = None, position_ids: torch.Tensor | None = None,
+                   alignment: str | None = None, chunk_size: int | None = None):
     """`out[b, t] = log π(input_ids[b, t] | input_ids[b, :t])` where `completion_mask` is set.
 
     input_ids, attention_mask, completion_mask: [B, T] -> [B, T] float32, 0 where the mask is 0
     and at t = 0 (no prediction). Logits are divided by `temperature`, so that GRPO's ratios are
-    taken against the distribution the completions were sampled from.
+    taken against the distribution the completions were sampled from. `attention_mask` None
+    with `position_ids` that restart is a packed batch (attention stays inside each example).
+    With `alignment` ("sampled", "greedy", "none") also returns WPO's detached per-position
+    normaliser [B, T]. `chunk_size`: tokens per LM-head chunk (default from CHUNK_ELEMENTS).
     """
     batch, length = input_ids.shape
     if completion_mask is None:
         completion_mask = attention_mask.clone()
         completion_mask[:, 0] = 0
-    columns = completion_mask.bool().any(0).nonzero()
-    start = max(int(columns[0]) if len(columns) else length, 1)  # first predicted position
+    if start is None:
+        start = first_completion_column(completion_mask)
     out = torch.zeros(batch, length, dtype=torch.float32, device=input_ids.device)
+    norms = torch.zeros_like(out) if alignment is not None else None
     if start >= length:
-        return out
+        return out if alignment is None else (out, norms)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
     keep = length - start + 1  # logits at positions start-1 .. T-1 (the last is dropped)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask),
-                   logits_to_keep=keep, use_cache=False).logits[:, :-1]  # [B, T-start, V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    out[:, start:] = selective_log_softmax(logits, input_ids[:, start:])
-    return out * completion_mask.to(out.dtype)
+    labels = input_ids[:, start:]
+    head = output_head(model)
+    chunk = chunk_size or (max(1, CHUNK_ELEMENTS // head.out_features) if head is not None
+                           else 0)
+    call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=keep, use_cache=False)
+    if head is not None and batch * keep > chunk:
+        padded = torch.cat([labels, labels[:, :1]], 1)  # the last position predicts nothing
+        with chunked_head(head, padded, temperature, chunk, alignment):
+            both = model(**call).logits[:, :-1]  # [B, T-start, 2]
+        out[:, start:] = both[..., 0]
+        if norms is not None:
+            norms[:, start:] = both[..., 1]
+    else:
+        logits = model(**call).logits[:, :-1]  # [B, T-start, V]
+        if temperature != 1.0:
+            logits = logits / temperature
+        out[:, start:] = selective_log_softmax(logits, labels)
+        if norms is not None:
+            from .losses.preference import alignment_norm
+
+            with torch.no_grad():
+                for b in range(0, batch, ROW_BLOCK):
+                    norms[b:b + ROW_BLOCK, start:] = alignment_norm(
+                        logits[b:b + ROW_BLOCK].detach(), alignment)
+    out = out * completion_mask.to(out.dtype)
+    return out if alignment is None else (out, norms)

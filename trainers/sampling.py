@@ -329,7 +329,7 @@ def _generate_and_score(config, select) -> Path:
     pairs, write JSONL. Returns the output path."""
     import torch
 
-    from . import runtime
+    from . import models, runtime
     from .data import load_rows, prompt_value, render_generation_prompt
     from .generation import sample, stop_token_ids
     from .scaffold import check_model_path
@@ -351,7 +351,7 @@ def _generate_and_score(config, select) -> Path:
                             add_special_tokens=False)["input_ids"][-gen.max_prompt_length:]
                   for p in prompts]
 
-    model = runtime.load_model(config.model, trainable=False).to(device)
+    model = models.load_model(config.model, trainable=False).to(device)
     eos_ids = stop_token_ids(tokenizer, model)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)

@@ -21,11 +21,11 @@ from typing import Literal
 import torch
 
 from . import runtime
-from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require, to_dict
 from .data import (
     as_messages,
     epoch_order,
-    load_rows,
+    load_splits,
     prompt_value,
     split_conversation,
     tokenize_segments,
@@ -55,6 +55,9 @@ class CRLFTConfig:
 class SFTParams:
     max_length: int = 1024  # prompt + completion tokens; longer rows are cut on the right
     crlft: CRLFTConfig | None = None
+    # each micro-batch as one row without padding, attention kept inside each example (the
+    # loss is the same; only the padding's compute and memory go)
+    packing: bool = False
 
     def __post_init__(self):
         require(self.max_length > 1, "max_length", "expected > 1")
@@ -159,8 +162,30 @@ def build_examples(rows: list[dict], tokenizer, config: SFTConfig) -> list[Examp
     return examples
 
 
-def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch. -> input_ids, attention_mask, weights: [b, T]"""
+def collate(examples: list[Example], pad_id: int, device, pack: bool = False
+            ) -> dict[str, torch.Tensor]:
+    """A micro-batch: right-padded rows, or with `pack` one row of the examples end to end
+    whose positions restart at each example (no attention mask: transformers then keeps
+    attention inside each example).
+
+    -> input_ids, attention_mask (None when packed), position_ids (packed), weights: [b, T];
+    plus host-side `start` (first trained column) and `tokens` (real tokens)
+    """
+    # a C-RLFT class may weigh 0: such rows start nothing
+    firsts = [next((i for i, w in enumerate(e.weights) if w > 0), 10 ** 9) for e in examples]
+    tokens = sum(len(e.ids) for e in examples)
+    if pack:
+        ids = torch.tensor([t for e in examples for t in e.ids]).view(1, -1)
+        weights = torch.tensor([w for e in examples for w in e.weights],
+                               dtype=torch.float32).view(1, -1)
+        positions = torch.tensor([p for e in examples for p in range(len(e.ids))]).view(1, -1)
+        offsets = [0]
+        for e in examples[:-1]:
+            offsets.append(offsets[-1] + len(e.ids))
+        return {"input_ids": ids.to(device), "attention_mask": None,
+                "position_ids": positions.to(device), "weights": weights.to(device),
+                "start": min(min(o + f for o, f in zip(offsets, firsts)), ids.shape[1]),
+                "tokens": tokens}
     length = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), length), dtype=torch.long)
@@ -171,7 +196,53 @@ def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Ten
         attention[row, :n] = 1
         weights[row, :n] = torch.tensor(e.weights)
     return {"input_ids": ids.to(device), "attention_mask": attention.to(device),
-            "weights": weights.to(device)}
+            "position_ids": None, "weights": weights.to(device), "start": min(*firsts, length),
+            "tokens": tokens}
+
+
+def micro_batch_loss(model, mb: dict, total_weight: torch.Tensor,
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """Σ w·(−log π) of a micro-batch over the global batch's Σ w (the C-RLFT normaliser).
+    Tensor code only: no host syncs, nothing made on the CPU."""
+    from .logprobs import token_logprobs
+    from .losses.policy import sft_loss
+
+    weights = mb["weights"]
+    logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"], weights > 0,
+                           start=mb["start"], position_ids=mb["position_ids"],
+                           chunk_size=chunk_size)  # [b, T]
+    return sft_loss(logps, weights, total_weight)
+
+
+def padding_report(examples: list[Example], order: list[int], micro: int) -> str:
+    """How much of the padded micro-batches packing saves (over one epoch's order)."""
+    padded = real = 0
+    for k in range(0, len(order) - micro + 1, micro):
+        lengths = [len(examples[j].ids) for j in order[k:k + micro]]
+        padded += max(lengths) * len(lengths)
+        real += sum(lengths)
+    saved = 1 - real / padded if padded else 0.0
+    return (f"sft.packing: micro-batches hold {real:,} tokens instead of {padded:,} padded "
+            f"ones over an epoch ({saved:.0%} of the padding-inclusive tokens saved)")
+
+
+def evaluate(run, examples: list[Example]) -> dict:
+    """Held-out weighted cross-entropy Σ w·CE / Σ w (each process its share, unpacked)."""
+    share, real = run.my_share(len(examples))
+    sums = torch.zeros(2, device=run.device)
+    micro = run.train.micro_batch_size
+    with torch.no_grad():
+        for k in range(0, len(share), micro):
+            part = [examples[j] for j in share[k:k + micro]]
+            mb = collate(part, run.tokenizer.pad_token_id, run.device)
+            keep = torch.tensor([[float(k + r < real)] for r in range(len(part))],
+                                device=run.device)  # the share's padding entries count 0
+            mb["weights"] = mb["weights"] * keep
+            loss = micro_batch_loss(run.model, mb, torch.ones((), device=run.device),
+                                    run.config.model.lm_head_chunk_size)
+            sums += torch.stack([loss, mb["weights"].sum()])
+    total = run.reduce_sum(sums).tolist()
+    return {"loss": total[0] / max(total[1], 1e-12)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,28 +253,45 @@ def train_sft(config: SFTConfig, resume: str | None = None) -> Path:
 
     `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
     """
-    from .logprobs import token_logprobs
-    from .losses.policy import sft_loss
+    from .datacache import cached, tokenizer_fingerprint
     from .scaffold import Run
 
-    train, data = config.train, config.data
+    train, data, params = config.train, config.data, config.sft
     run = Run(config, "sft", resume)
-    train.accumulation_steps(run.world)  # validates the batch split before any work
     if data.messages_field:
         required = (data.messages_field,)
     elif data.prompt_template:
         required = (data.completion_field,)
     else:
         required = (data.prompt_field, data.completion_field)
-    examples = build_examples(load_rows(data, required), run.tokenizer, config)
+    rows, held_out = load_splits(data, required, train.seed)
+    fingerprint = {"tokenizer": tokenizer_fingerprint(run.tokenizer), "data": to_dict(data),
+                   "sft": to_dict(params)}
+
+    def tokenised(part, name):
+        return cached("sft", {**fingerprint, "rows": part.fingerprint, "part": name},
+                      lambda: build_examples(part, run.tokenizer, config), Example,
+                      run.accelerator, data.cache)
+
+    examples = tokenised(rows, "train")
+    eval_examples = tokenised(held_out, "eval") if held_out is not None else None
     steps_per_epoch = len(examples) // train.batch_size
     if steps_per_epoch == 0:
         raise TrainerConfigError(f"train.batch_size: {train.batch_size} is more than the "
                                  f"{len(examples)} usable rows")
+    longest = max(len(e.ids) for e in examples)
     run.start(runtime.total_steps(train, steps_per_epoch),
-              lambda step: {"epoch": step / steps_per_epoch, "rows_seen": step * train.batch_size})
+              lambda step: {"epoch": step / steps_per_epoch, "rows_seen": step * train.batch_size},
+              plan={"lines": [f"{len(examples):,} training rows ({steps_per_epoch} steps per "
+                              f"epoch), up to {longest} tokens each"
+                              + (f"; {len(eval_examples):,} held out" if eval_examples else "")],
+                    "sequence_length": longest, "hint": "sft.max_length"})
 
     pad_id, per_device = run.tokenizer.pad_token_id, train.batch_size // run.world
+    chunk = config.model.lm_head_chunk_size
+    if params.packing:
+        log.info(padding_report(examples, epoch_order(len(examples), 0, train.seed,
+                                                      data.shuffle), train.micro_batch_size))
     orders: dict[int, list[int]] = {}
     metrics: dict = {}
     with run.signals():
@@ -216,29 +304,29 @@ def train_sft(config: SFTConfig, resume: str | None = None) -> Path:
                 orders = {epoch: epoch_order(len(examples), epoch, train.seed, data.shuffle)}
             batch = orders[epoch][offset * train.batch_size:(offset + 1) * train.batch_size]
             mine = [examples[j] for j in batch[run.rank * per_device:(run.rank + 1) * per_device]]
-            micro = [collate(mine[k:k + train.micro_batch_size], pad_id, run.device)
+            micro = [collate(mine[k:k + train.micro_batch_size], pad_id, run.device,
+                             params.packing)
                      for k in range(0, per_device, train.micro_batch_size)]
-            total_weight, tokens = run.reduce_sum(torch.stack([
+            counts = run.reduce_sum(torch.stack([
                 sum(mb["weights"].sum() for mb in micro),
-                sum(mb["attention_mask"].sum() for mb in micro).to(torch.float32)])).tolist()
-
+                torch.tensor(float(sum(mb["tokens"] for mb in micro)), device=run.device)]))
             loss_sum = torch.zeros((), device=run.device)
             for k, mb in enumerate(micro):
                 with run.accumulate(last=k == len(micro) - 1):
-                    logps = token_logprobs(run.model, mb["input_ids"], mb["attention_mask"],
-                                           (mb["weights"] > 0).long())  # [b, T]
-                    # Σ w·CE / Σ w of the global batch (the C-RLFT normaliser)
-                    loss = sft_loss(logps, mb["weights"], total_weight)
+                    loss = micro_batch_loss(run.model, mb, counts[0], chunk)
                     run.backward(loss)
                 loss_sum += loss.detach()
-            loss_value = float(run.reduce_sum(loss_sum))
+            loss_value = run.reduce_sum(loss_sum)
             grad_norm, lr = run.update(loss_value)
 
             seconds = time.perf_counter() - t0
-            metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            total_weight, tokens = counts.tolist()
+            metrics = {"loss": float(loss_value), "lr": lr, "grad_norm": grad_norm,
                        "weight_sum": total_weight, "tokens": tokens,
                        "tokens_per_s": tokens / seconds, "step_s": seconds,
                        "epoch": run.step / steps_per_epoch}
+            if eval_examples is not None:
+                metrics |= run.evaluate(lambda: evaluate(run, eval_examples))
             run.log(metrics)
             run.checkpoint_or_stop(metrics)
     return run.finish(metrics)

@@ -8,8 +8,8 @@ multiplies a new tensor, never the loss in place.
 
 Rows hold `prompt`, `chosen`, `rejected` (strings or chat messages; a chosen/rejected
 conversation carries its own prompt). The reference model is the starting model; its
-log-probabilities are computed once, before training, and cached in
-`output_dir/ref_logps.pt` (`wpo.precompute_ref`), so it is not kept in memory.
+log-probabilities are computed once, by the policy before its first update, and cached in
+`output_dir/ref_logps.pt` (`wpo.precompute_ref`), so no reference copy is ever loaded.
 
     mergekit-rl train wpo manifests/train/wpo_tiny.yaml
     torchrun --nproc_per_node 2 -m trainers train wpo CONFIG.yaml      # data-parallel, same maths
@@ -33,7 +33,7 @@ from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
 from .data import (
     as_messages,
     epoch_order,
-    load_rows,
+    load_splits,
     prompt_value,
     split_conversation,
     tokenize_segments,
@@ -205,42 +205,32 @@ def collate(pairs: list[PairExample], pad_id: int, device) -> dict[str, torch.Te
         completion[r, len(prompt):n] = torch.tensor(mask, dtype=torch.long)
     rewards = torch.tensor([p.chosen_reward for p in pairs] + [p.rejected_reward for p in pairs])
     return {"input_ids": ids.to(device), "attention_mask": attention.to(device),
-            "completion_mask": completion.to(device), "rewards": rewards.to(device)}
+            "completion_mask": completion.to(device), "rewards": rewards.to(device),
+            "start": first_completion(pairs)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward
 
-def completion_stats(model, batch: dict, alignment: str | None) -> tuple[torch.Tensor,
-                                                                        torch.Tensor | None]:
+def first_completion(pairs: list[PairExample]) -> int:
+    """The first column of `collate(pairs)` with a trained token (host-side, for the step
+    code; every pair has one, `build_pairs` skips the others)."""
+    firsts = [len(p.prompt) + mask.index(True) for p in pairs
+              for mask in (p.chosen_mask, p.rejected_mask)]
+    return max(1, min(firsts))
+
+
+def completion_stats(model, batch: dict, alignment: str | None, chunk_size: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token `log π(y_t|x,y_<t)` on completion tokens (0 elsewhere) and, if `alignment` is
-    given, the detached WPO normaliser of each position (`preference.alignment_norm`).
+    given, the detached WPO normaliser of each position (`logprobs.token_logprobs`, chunked at
+    a large vocabulary). -> [B, T] float32, [B, T] float32 | None"""
+    from .logprobs import token_logprobs
 
-    Like `logprobs.token_logprobs`, only completion positions go through the LM head and the
-    float32 softmax is taken a row block at a time. -> [B, T] float32, [B, T] float32 | None
-    """
-    from .logprobs import ROW_BLOCK, position_ids_from_mask, selective_log_softmax
-    from .losses.preference import alignment_norm
-
-    ids, attention, completion = batch["input_ids"], batch["attention_mask"], \
-        batch["completion_mask"]
-    rows, length = ids.shape
-    columns = completion.bool().any(0).nonzero()
-    start = max(int(columns[0]) if len(columns) else length, 1)
-    logps = torch.zeros(rows, length, dtype=torch.float32, device=ids.device)
-    norms = torch.zeros_like(logps) if alignment else None
-    if start >= length:
-        return logps, norms
-    logits = model(input_ids=ids, attention_mask=attention,
-                   position_ids=position_ids_from_mask(attention),
-                   logits_to_keep=length - start + 1, use_cache=False).logits[:, :-1]
-    logps[:, start:] = selective_log_softmax(logits, ids[:, start:])
-    if norms is not None:
-        with torch.no_grad():
-            for b in range(0, rows, ROW_BLOCK):
-                norms[b:b + ROW_BLOCK, start:] = alignment_norm(logits[b:b + ROW_BLOCK].detach(),
-                                                               alignment)
-    return logps * completion.to(logps.dtype), norms
+    out = token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                         batch["completion_mask"], start=batch["start"], alignment=alignment,
+                         chunk_size=chunk_size)
+    return out if alignment is not None else (out, None)
 
 
 def _fingerprint(config: WPOConfig, examples: list[PairExample]) -> str:
@@ -261,26 +251,28 @@ def _fingerprint(config: WPOConfig, examples: list[PairExample]) -> str:
 
 @torch.no_grad()
 def reference_logps(ref_model, examples: list[PairExample], indices: list[int], pad_id: int,
-                    micro: int, device, autocast=nullcontext) -> torch.Tensor:
+                    micro: int, device, autocast=nullcontext, chunk_size: int | None = None
+                    ) -> torch.Tensor:
     """Summed reference log-probs of `examples[indices]` -> [len(indices), 2] (chosen, rejected)."""
-    out = torch.zeros(len(indices), 2)
+    out = torch.zeros(len(indices), 2, device=device)
     for k in range(0, len(indices), micro):
         part = [examples[j] for j in indices[k:k + micro]]
         with autocast():
-            logps, _ = completion_stats(ref_model, collate(part, pad_id, device), None)
-        sums = logps.sum(-1).cpu().view(2, -1)  # [2, b]
-        out[k:k + len(part)] = sums.T
+            logps, _ = completion_stats(ref_model, collate(part, pad_id, device), None,
+                                        chunk_size)
+        out[k:k + len(part)] = logps.sum(-1).view(2, -1).T  # [b, 2]
     return out
 
 
-def precompute_reference(config: WPOConfig, examples: list[PairExample], accelerator,
-                         pad_id: int) -> torch.Tensor:
-    """[N, 2] reference log-probs of every pair, from `output_dir/ref_logps.pt` when its
-    fingerprint matches, else computed (each process a slice) and written there."""
+def precompute_reference(run, config: WPOConfig, sets: dict[str, list[PairExample]]
+                         ) -> dict[str, torch.Tensor]:
+    """{name: [N, 2] reference log-probs} of every pair of each set, from
+    `output_dir/ref_logps.pt` when its fingerprint matches, else computed (each process a
+    share) by the policy before its first update, which is the reference (no second copy)."""
     from accelerate.utils import gather
 
     cache = Path(config.train.output_dir) / REF_CACHE
-    key = _fingerprint(config, examples)
+    key = _fingerprint(config, [e for part in sets.values() for e in part])
     if cache.is_file():
         saved = torch.load(cache)
         if saved.get("fingerprint") == key:
@@ -288,39 +280,40 @@ def precompute_reference(config: WPOConfig, examples: list[PairExample], acceler
             return saved["logps"]
         log.info("%s is for other data or another reference model; recomputing", cache)
     t0 = time.perf_counter()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = -(-len(examples) // world)
-    mine = list(range(rank * per_process, min((rank + 1) * per_process, len(examples))))
-    ref = runtime.load_model(config.model, trainable=False).to(accelerator.device)
-    local = torch.full((per_process, 2), float("nan"))
-    local[:len(mine)] = reference_logps(ref, examples, mine, pad_id,
-                                        config.train.micro_batch_size, accelerator.device,
-                                        accelerator.autocast)
-    del ref
-    logps = gather(local.to(accelerator.device)).cpu()[:len(examples)]  # process order
-    if accelerator.is_main_process:
+    ref = run.model if run.step == 0 else run.load_reference()  # resumed: the policy moved
+    out = {}
+    for name, examples in sets.items():
+        share, real = run.my_share(len(examples))
+        local = reference_logps(ref, examples, share, run.tokenizer.pad_token_id,
+                                config.train.micro_batch_size, run.device, run.autocast,
+                                config.model.lm_head_chunk_size)
+        local[real:] = float("nan")
+        out[name] = gather(local).cpu()[:len(examples)]  # process order = index order
+    if run.accelerator.is_main_process:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save({"fingerprint": key, "logps": logps}, tmp)
+        torch.save({"fingerprint": key, "logps": out}, tmp)
         tmp.rename(cache)
         log.info("reference log-probs of %d pairs computed in %.1f s, cached in %s",
-                 len(examples), time.perf_counter() - t0, cache)
-    accelerator.wait_for_everyone()
-    return logps
+                 sum(len(v) for v in sets.values()), time.perf_counter() - t0, cache)
+    run.accelerator.wait_for_everyone()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def pair_losses(run, config: WPOConfig, mb: dict, ref: torch.Tensor, alignment: str | None
+def pair_losses(model, config: WPOConfig, mb: dict, ref: torch.Tensor, alignment: str | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair losses of a micro-batch (weighted, plus the optional NLL term) and the metric
-    sums [9]: loss share, implicit rewards chosen/rejected, margin, accuracy, WPO weight,
-    policy log-probs chosen/rejected, completion tokens. `ref`: [2, b] reference log-probs."""
+    """Per-pair losses of a micro-batch (weighted, plus the optional NLL term) summed over the
+    global batch size, and the metric sums [9]: loss share, implicit rewards
+    chosen/rejected, margin, accuracy, WPO weight, policy log-probs chosen/rejected,
+    completion tokens. `ref`: [2, b] reference log-probs. Tensor code only: no host syncs,
+    nothing made on the CPU."""
     from .losses import preference
 
     params, b = config.wpo, ref.shape[1]
-    logps, norms = completion_stats(run.model, mb, alignment)  # [2b, T] x 2
+    logps, norms = completion_stats(model, mb, alignment, config.model.lm_head_chunk_size)
     mask = mb["completion_mask"]
     policy = logps.sum(-1).view(2, b)  # [2, b]: chosen, rejected
     lengths = mask.sum(-1).to(torch.float32).view(2, b)
@@ -329,7 +322,7 @@ def pair_losses(run, config: WPOConfig, mb: dict, ref: torch.Tensor, alignment: 
         policy[0], policy[1], ref[0], ref[1], loss_type=params.loss_type, beta=params.beta,
         label_smoothing=params.label_smoothing, chosen_lengths=lengths[0],
         rejected_lengths=lengths[1], chosen_rewards=rewards[0], rejected_rewards=rewards[1])
-    weight = torch.ones(b, device=run.device)
+    weight = torch.ones(b, device=logps.device)
     if params.weighting:
         seq_w = preference.sequence_weight(logps, norms, mask).view(2, b)
         weight = preference.combine_weights(seq_w[0], seq_w[1], params.weight_clamp)
@@ -347,34 +340,87 @@ def pair_losses(run, config: WPOConfig, mb: dict, ref: torch.Tensor, alignment: 
     return loss, sums
 
 
+def reference_of(run, config: WPOConfig, examples, indices, cache, ref_model) -> torch.Tensor:
+    """[2, b] reference log-probs of `examples[indices]`."""
+    if config.wpo.reference_free:
+        return torch.zeros(2, len(indices), device=run.device)
+    if cache is not None:
+        return cache[indices].T.to(run.device)
+    return reference_logps(ref_model, examples, indices, run.tokenizer.pad_token_id,
+                           len(indices), run.device, run.autocast,
+                           config.model.lm_head_chunk_size).T
+
+
+def evaluate(run, config: WPOConfig, examples, cache, ref_model, alignment) -> dict:
+    """Held-out loss (as trained: weighted, mean per pair) and reward accuracy."""
+    share, real = run.my_share(len(examples))
+    micro = config.train.micro_batch_size
+    sums = torch.zeros(3, device=run.device)
+    with torch.no_grad():
+        for k in range(0, len(share), micro):
+            indices = share[k:k + micro]
+            keep = min(len(indices), max(0, real - k))  # the share's padding counts 0
+            mb = collate([examples[j] for j in indices], run.tokenizer.pad_token_id, run.device)
+            ref = reference_of(run, config, examples, indices, cache, ref_model)
+            loss, m = pair_losses(run.model, config, mb, ref, alignment)
+            scale = keep / len(indices)
+            sums += torch.stack([loss * config.train.batch_size * scale, m[4] * scale,
+                                 torch.tensor(float(keep), device=run.device)])
+    total = run.reduce_sum(sums).tolist()
+    return {"loss": total[0] / max(total[2], 1.0), "rewards/accuracies":
+            total[1] / max(total[2], 1.0)}
+
+
 def train_wpo(config: WPOConfig, resume: str | None = None) -> Path:
     """Run WPO as configured; return the output folder (final model, tokenizer, config).
 
     `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
     """
+    from .config import to_dict
+    from .datacache import cached, tokenizer_fingerprint
     from .scaffold import Run
 
     train, params = config.train, config.wpo
     run = Run(config, "wpo", resume)
-    train.accumulation_steps(run.world)
 
     # Everything that can fail on user input happens before the model loads.
-    rows = load_rows(config.data, (params.chosen_field, params.rejected_field))
-    examples = build_pairs(rows, run.tokenizer, config)
+    rows, held_out = load_splits(config.data, (params.chosen_field, params.rejected_field),
+                                 train.seed)
+    key = {"tokenizer": tokenizer_fingerprint(run.tokenizer), "data": to_dict(config.data),
+           "wpo": to_dict(params)}
+
+    def tokenised(part, name):
+        return cached("wpo", {**key, "rows": part.fingerprint, "part": name},
+                      lambda: build_pairs(part, run.tokenizer, config), PairExample,
+                      run.accelerator, config.data.cache)
+
+    examples = tokenised(rows, "train")
+    eval_examples = tokenised(held_out, "eval") if held_out is not None else None
     steps_per_epoch = len(examples) // train.batch_size
     if steps_per_epoch == 0:
         raise TrainerConfigError(f"train.batch_size: {train.batch_size} pairs is more than the "
                                  f"{len(examples)} usable pairs")
     pad_id = run.tokenizer.pad_token_id
+    longest = max(len(e.prompt) + max(len(e.chosen), len(e.rejected)) for e in examples)
+    run.start(runtime.total_steps(train, steps_per_epoch),
+              lambda step: {"epoch": step / steps_per_epoch, "pairs_seen": step * train.batch_size},
+              plan={"unit": "pairs",
+                    "lines": [f"{len(examples):,} pairs ({steps_per_epoch} steps per epoch), "
+                              f"each micro-batch of pairs is 2x as many sequences of up to "
+                              f"{longest} tokens"
+                              + (f"; {len(eval_examples):,} held out" if eval_examples else "")],
+                    "sequence_length": longest, "sequences_per_micro": 2 * train.micro_batch_size,
+                    "reference": not params.reference_free and not params.precompute_ref,
+                    "hint": "wpo.max_length"})
 
-    ref_cache = ref_model = None
+    cache = eval_cache = ref_model = None
     if not params.reference_free:
         if params.precompute_ref:
-            ref_cache = precompute_reference(config, examples, run.accelerator, pad_id)
+            sets = {"train": examples, **({"eval": eval_examples} if eval_examples else {})}
+            logps = precompute_reference(run, config, sets)
+            cache, eval_cache = logps["train"], logps.get("eval")
         else:
             ref_model = run.load_reference()
-    run.start(runtime.total_steps(train, steps_per_epoch),
-              lambda step: {"epoch": step / steps_per_epoch, "pairs_seen": step * train.batch_size})
 
     alignment = params.weight_alignment if params.weighting else None
     per_device = train.batch_size // run.world
@@ -393,15 +439,9 @@ def train_wpo(config: WPOConfig, resume: str | None = None) -> Path:
             sums = torch.zeros(9, device=run.device)
             for k, indices in enumerate(pieces):
                 mb = collate([examples[j] for j in indices], pad_id, run.device)
-                if params.reference_free:
-                    ref = torch.zeros(2, len(indices), device=run.device)
-                elif ref_cache is not None:
-                    ref = ref_cache[indices].T.to(run.device)  # [2, b]
-                else:
-                    ref = reference_logps(ref_model, examples, indices, pad_id, len(indices),
-                                          run.device, run.accelerator.autocast).T.to(run.device)
+                ref = reference_of(run, config, examples, indices, cache, ref_model)
                 with run.accumulate(last=k == len(pieces) - 1):
-                    loss, piece_sums = pair_losses(run, config, mb, ref, alignment)
+                    loss, piece_sums = pair_losses(run.model, config, mb, ref, alignment)
                     run.backward(loss)
                 sums += piece_sums
             sums = run.reduce_sum(sums).tolist()
@@ -416,6 +456,9 @@ def train_wpo(config: WPOConfig, resume: str | None = None) -> Path:
                        "lr": lr, "grad_norm": grad_norm, "tokens": sums[8],
                        "tokens_per_s": sums[8] / seconds, "step_s": seconds,
                        "epoch": run.step / steps_per_epoch}
+            if eval_examples is not None:
+                metrics |= run.evaluate(lambda: evaluate(run, config, eval_examples, eval_cache,
+                                                         ref_model, alignment))
             run.log(metrics)
             run.checkpoint_or_stop(metrics)
     return run.finish(metrics)

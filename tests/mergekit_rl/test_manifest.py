@@ -8,9 +8,10 @@ import pytest
 from mergekit_rl.errors import ConfigError
 from mergekit_rl.manifest import Cond, evaluate, from_dict, load, to_dict
 
-# merge manifests; the trainer configs under manifests/train/ are checked by the trainer tests
+# merge manifests; the trainer and accelerate configs under manifests/train/ and
+# manifests/accelerate/ are checked by the trainer tests
 MANIFESTS = sorted(p for p in (Path(__file__).resolve().parents[2] / "manifests").rglob("*.yaml")
-                   if "train" not in p.parts)
+                   if not {"train", "accelerate"} & set(p.parts))
 assert MANIFESTS, "no shipped manifests found"
 
 

@@ -69,7 +69,7 @@ def test_paths_relative_to_config_and_overrides(tmp_path):
     ("train.batch_size=0", "train.batch_size: expected a positive number"),
     ("train.micro_batch_size=3", "train.micro_batch_size: batch_size 4 is not a multiple"),
     ("sft.crlft.class_weights={a: -1}", "sft.crlft.class_weights.a: expected a weight >= 0"),
-    ("train.mixed_precision=fp8", "train.mixed_precision: expected one of no, bf16, fp16"),
+    ("train.mixed_precision=fp8", "train.mixed_precision: expected one of auto, no, bf16, fp16"),
     ("train.report_to=[tensorbord]", "train.report_to: unknown tracker 'tensorbord'"),
     ("data.chat=yes please", "data.chat: expected true or false"),
 ])
@@ -156,3 +156,33 @@ def test_grpo_checks(tmp_path):
     with pytest.raises(TrainerConfigError, match="save_steps=3: expected a multiple of"):
         load_config(GRPOConfig, path, ["train.batch_size=16", "grpo.num_iterations=2",
                                        "train.save_steps=3"])
+
+
+ACCELERATE = Path(__file__).resolve().parents[2] / "manifests" / "accelerate"
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
+                                        ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")])
+def test_shipped_accelerate_configs_are_valid_and_leave_the_batch_to_the_trainer(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE / f"{name}.yaml"))
+    assert config.distributed_type.name == kind
+    assert config.mixed_precision == "no"  # train.mixed_precision decides
+    ds = config.deepspeed_config or {}
+    # what the trainer owns and would refuse to be overridden on
+    assert not {"gradient_accumulation_steps", "gradient_clipping",
+                "deepspeed_config_file"} & set(ds)
+    if name.startswith("zero"):
+        assert ds["zero_stage"] == int(name[-1])
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
+@pytest.mark.parametrize("path", sorted(MANIFESTS.glob("*1.5b.yaml")), ids=lambda p: p.name)
+def test_the_shipped_recipes_train_fp32_weights_and_say_they_need_datasets(path):
+    cls = {"grpo": GRPOConfig, "wpo": WPOConfig}.get(path.name.split("_")[0], SFTConfig)
+    config = load_config(cls, path)
+    assert config.model.dtype == "float32" and config.train.mixed_precision == "auto"
+    assert config.train.eval_steps and config.data.has_eval
+    assert "mergekit-rl[data]" in path.read_text()  # Hub datasets are the [data] extra

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainers import runtime
+from trainers import models
 from trainers.errors import TrainingInterrupted
 from trainers.grpo import pad_rollout, train_grpo
 from trainers.metrics import read_metrics
@@ -46,13 +46,13 @@ def test_grpo_raises_a_trivial_reward(load):
 
 def test_reference_model_only_with_beta(load, monkeypatch):
     loads = []
-    real = runtime.load_model
+    real = models.load_model
 
     def counting(model, path=None, trainable=True):
         loads.append(trainable)
         return real(model, path, trainable)
 
-    monkeypatch.setattr(runtime, "load_model", counting)
+    monkeypatch.setattr(models, "load_model", counting)
     train_grpo(load("grpo_tiny.yaml", DIGITS, "train.max_steps=1", *SMALL, out="a"))
     assert loads == [True]  # β = 0 loads no reference
     loads.clear()

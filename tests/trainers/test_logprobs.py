@@ -40,3 +40,92 @@ def test_default_mask_and_temperature(tiny_model):
     torch.testing.assert_close(out[0, 1:], reference(model, ids), atol=1e-5, rtol=0)
     expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
     torch.testing.assert_close(hot[0, 1:], expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked LM head: same values and gradients as the whole-logits computation
+
+def _batch():
+    ids = torch.tensor([[5, 17, 30, 44, 2, 9, 120, 7], [0, 0, 7, 8, 120, 33, 61, 0]])
+    attention = torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 0]])
+    completion = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 0]])
+    return ids, attention, completion
+
+
+def _values_and_grads(model, chunk_size, temperature=1.0, alignment=None):
+    model.zero_grad(set_to_none=True)
+    ids, attention, completion = _batch()
+    out = token_logprobs(model, ids, attention, completion, temperature, start=3,
+                         alignment=alignment, chunk_size=chunk_size)
+    logp, norms = out if alignment else (out, None)
+    weights = torch.linspace(-1.0, 2.0, logp.numel()).view_as(logp)
+    (logp * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return logp.detach(), norms, grads
+
+
+def test_chunked_head_equals_whole_logits_in_values_and_gradients(tiny_model):
+    from trainers import logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    chunks, shapes = [], []
+    real = logprobs._logits
+
+    def spy(h, *args):
+        chunks.append(h.shape[0])
+        return real(h, *args)
+
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    logprobs._logits = spy
+    try:
+        for temperature in (1.0, 0.7):
+            whole = _values_and_grads(model, 10 ** 9, temperature)  # one chunk: plain path
+            assert not chunks and shapes[-1] == (2, 6, 300)  # whole [B, keep, V] logits
+            chunked = _values_and_grads(model, 3, temperature)
+            assert shapes[-1] == (2, 6, 2)  # the head gave log-probs, never [B, keep, V]
+            assert chunks and max(chunks) <= 3  # forward and backward: 3 tokens at a time
+            chunks.clear()
+            torch.testing.assert_close(chunked[0], whole[0], atol=1e-5, rtol=0)
+            for name, grad in whole[2].items():
+                torch.testing.assert_close(chunked[2][name], grad, atol=1e-5, rtol=1e-5,
+                                           msg=name)
+    finally:
+        logprobs._logits = real
+        handle.remove()
+    assert (chunked[0][:, :3] == 0).all() and chunked[0][1, 7] == 0  # outside the mask
+
+
+def test_chunked_alignment_norm_is_the_wpo_normaliser(tiny_model):
+    """logsumexp(2z) − 2·logsumexp(z) = log Σ π² on the same chunk, and max z − lse(z)."""
+    from trainers.losses.preference import alignment_norm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids, attention, _ = _batch()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=attention).logits[:, 2:-1]  # predicts 3..7
+    for alignment in ("sampled", "greedy"):
+        _, norms, _ = _values_and_grads(model, 4, alignment=alignment)
+        _, plain, _ = _values_and_grads(model, 10 ** 9, alignment=alignment)
+        torch.testing.assert_close(norms[:, 3:], alignment_norm(logits, alignment), atol=1e-5,
+                                   rtol=0)
+        torch.testing.assert_close(norms, plain, atol=1e-5, rtol=0)
+        if alignment == "sampled":  # by hand: log Σ_v softmax(z)_v²
+            p = torch.softmax(logits, -1)
+            torch.testing.assert_close(norms[:, 3:], torch.log((p * p).sum(-1)), atol=1e-5,
+                                       rtol=0)
+
+
+def test_packed_rows_equal_separate_sequences(tiny_model):
+    """One packed row (no attention mask, positions restarting) gives each example the
+    log-probs it has alone: attention stays inside each example."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    a, b = [5, 17, 30, 44, 2], [7, 8, 120, 9]
+    ids = torch.tensor([a + b])
+    positions = torch.tensor([list(range(len(a))) + list(range(len(b)))])
+    mask = torch.ones_like(ids)
+    mask[0, 0] = mask[0, len(a)] = 0  # each example's first token predicts nothing
+    with torch.no_grad():
+        packed = token_logprobs(model, ids, None, mask, position_ids=positions, start=1)
+    torch.testing.assert_close(packed[0, 1:len(a)], reference(model, a), atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[0, len(a) + 1:], reference(model, b), atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainers import checkpointing, runtime
+from trainers import checkpointing, models
 from trainers.data import load_rows
 from trainers.errors import NonFiniteLossError, TrainerConfigError, TrainingInterrupted
 from trainers.metrics import read_metrics
@@ -99,7 +99,7 @@ def test_bad_data_fails_before_the_model_loads(load, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runtime, "load_model", no_model)
+    monkeypatch.setattr(models, "load_model", no_model)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\nnot json\n')
     with pytest.raises(TrainerConfigError, match="line 2 is not JSON"):

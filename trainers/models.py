@@ -1,0 +1,238 @@
+"""The weights of a run: loading the policy (with LoRA adapters through peft), checks and
+estimates made on a weightless (meta-device) copy, the frozen reference, and adapter merging.
+
+peft is imported only when `model.lora` is set. With LoRA the reference policy is the same
+module with its adapters switched off, so no second copy of the model is ever made.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import TrainerConfigError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Before any weights load
+
+def require_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise TrainerConfigError("model.lora: LoRA needs peft, which is not installed; pip "
+                                 "install 'mergekit-rl[peft]' (or peft), or remove model.lora") \
+            from None
+
+
+def meta_model(model: ModelConfig):
+    """The architecture of `model.path` with no weights (meta device): names, shapes, counts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model.path, revision=model.revision)
+    kwargs = {"attn_implementation": model.attn_implementation} \
+        if model.attn_implementation else {}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model.dtype),
+                                                **kwargs)
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a list of target names: the module name or its trailing components."""
+    return name == target or name.endswith("." + target)
+
+
+def check_lora_targets(model: ModelConfig, skeleton=None) -> None:
+    """Every name in `model.lora.target_modules` must name some module of the model."""
+    targets = model.lora.target_modules
+    if list(targets) == ["all-linear"]:
+        return
+    skeleton = skeleton if skeleton is not None else meta_model(model)
+    names = [n for n, _ in skeleton.named_modules() if n]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
+                     if isinstance(m, torch.nn.Linear)})
+    for target in targets:
+        if not any(_matches(n, target) for n in names):
+            raise TrainerConfigError(
+                f"model.lora.target_modules: {target!r} matches no module of {model.path}; "
+                f"its linear layers are {', '.join(linear)} (or use [all-linear])")
+
+
+def parameter_counts(skeleton, model: ModelConfig) -> tuple[int, int]:
+    """(all parameters, trainable parameters) counting a tied matrix once; LoRA's trainable
+    count is r·(in + out) per adapted linear layer."""
+    total = sum(p.numel() for p in skeleton.parameters())  # parameters() dedups tied weights
+    if model.lora is None:
+        return total, total
+    targets = model.lora.target_modules
+    head = skeleton.get_output_embeddings()
+    trainable = 0
+    for name, module in skeleton.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if list(targets) == ["all-linear"] or any(_matches(name, t) for t in targets):
+            trainable += model.lora.r * (module.in_features + module.out_features)
+    return total, trainable
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def _from_pretrained(model: ModelConfig, path, revision):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": getattr(torch, model.dtype)}
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(str(path), revision=revision, **kwargs)
+
+
+def load_model(model: ModelConfig, path: str | Path | None = None, trainable: bool = True):
+    """The causal LM at `path` (default: the config's), dropout off, frozen if not trainable.
+
+    With `model.lora` and `trainable`, the base comes from `model.path` and the adapters from
+    `path` when it is a checkpoint holding them (resume), else fresh ones (B = 0: the policy
+    starts exactly at the base).
+    """
+    lora = model.lora if trainable else None
+    adapter = Path(path) if lora is not None and path is not None else None
+    base_path = model.path if lora is not None or path is None else path
+    revision = model.revision if base_path == model.path else None
+    lm = _from_pretrained(model, base_path, revision)
+    disable_dropout(lm)
+    if trainable and model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+        lm.config.use_cache = False
+        if lora is not None:
+            lm.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
+    if lora is not None:
+        lm = _with_adapters(lm, model, adapter)
+    if trainable:
+        lm.train()
+    else:
+        lm.eval()
+        lm.requires_grad_(False)
+    return lm
+
+
+def _with_adapters(lm, model: ModelConfig, checkpoint: Path | None):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if checkpoint is not None and (checkpoint / ADAPTER_CONFIG).is_file():
+        return PeftModel.from_pretrained(lm, str(checkpoint), is_trainable=True)
+    cfg = model.lora
+    targets = cfg.target_modules
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        target_modules="all-linear" if list(targets) == ["all-linear"]
+                        else list(targets), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(lm, config)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d on %s: %.2f M of %.2f M parameters trainable", cfg.r,
+             ", ".join(targets), trainable / 1e6, total / 1e6)
+    return peft_model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout would make log-probs of the same tokens differ between two forwards (TRL does
+    the same); the RL ratios and the reference KL assume they do not."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference policy
+
+class AdaptersOff:
+    """The reference of a LoRA run: the policy itself with its adapters disabled, called like a
+    model (`ref(input_ids=..., ...)`); no second copy of the weights."""
+
+    def __init__(self, model, unwrapped):
+        self.model, self.unwrapped = model, unwrapped
+
+    def __call__(self, *args, **kwargs):
+        with self.unwrapped.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def head_owner(self):
+        return self.unwrapped
+
+
+def make_reference(config: ModelConfig, accelerator, policy, unwrapped, shard: str | None):
+    """The frozen starting model for log-probs: adapters off under LoRA; under FSDP/ZeRO-3 a
+    copy sharded like the policy (each process holds its share); else a copy on the device."""
+    if config.lora is not None:
+        return AdaptersOff(policy, unwrapped)
+    ref = load_model(config, trainable=False)
+    if shard == "fsdp":
+        return _fully_shard(ref, accelerator)
+    if shard == "zero3":
+        return _zero3_inference(ref, accelerator)
+    return ref.to(accelerator.device)
+
+
+def _fully_shard(ref, accelerator):
+    """FSDP2 over each decoder layer and the root (the root holds the LM head, so it is whole
+    while the head runs)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = set(getattr(ref, "_no_split_modules", None) or [])
+    ref.to(accelerator.device)
+    for module in ref.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module)
+    fully_shard(ref)
+    return ref
+
+
+def _zero3_inference(ref, accelerator):
+    """A ZeRO-3 inference engine from the run's DeepSpeed config without its optimizer (as TRL's
+    prepare_deepspeed does)."""
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=ref, config=config)
+    engine.eval()
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters out
+
+def merge_adapter_state(state: dict[str, torch.Tensor], peft_config) -> dict[str, torch.Tensor]:
+    """Full weights from a PeftModel's state dict: W + (alpha/r)·B·A for each adapted linear
+    layer (https://arxiv.org/abs/2106.09685 eq. 3), base names restored, adapters dropped."""
+    scaling = peft_config.lora_alpha / peft_config.r
+    if getattr(peft_config, "use_rslora", False):
+        scaling = peft_config.lora_alpha / peft_config.r ** 0.5
+    prefix = "base_model.model."
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if ".base_layer." in name:
+            module = key.rsplit(".base_layer.", 1)[0]
+            a = state.get(f"{module}.lora_A.default.weight")
+            b = state.get(f"{module}.lora_B.default.weight")
+            name = name.replace(".base_layer.", ".")
+            if a is not None and b is not None and name.endswith(".weight"):
+                delta = scaling * (b.float() @ a.float())
+                value = (value.float() + delta).to(value.dtype)
+        merged[name] = value
+    return merged
