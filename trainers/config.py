@@ -303,9 +303,10 @@ def save_config(config, path: Path) -> None:
 
 
 def resolve_paths(config, base: Path):
-    """Make local `model.path`, `model.tokenizer`, `data.path`, `train.output_dir` absolute,
-    relative to `base` (the config's folder); Hub ids stay as they are (`hub.local_path` is the
-    one rule for telling them apart)."""
+    """Make local `model.path`, `model.tokenizer`, `data.path`, `train.output_dir` and the
+    fields a section marks with `field(metadata={"path": True})` absolute, relative to `base`
+    (the config's folder); Hub ids stay as they are (`hub.local_path` is the one rule for
+    telling them apart)."""
     from mergekit_rl.hub import local_path
 
     base = Path(base).resolve()
@@ -323,4 +324,11 @@ def resolve_paths(config, base: Path):
     if hasattr(config, "train"):
         out = str((base / Path(config.train.output_dir).expanduser()).resolve())
         changes["train"] = dataclasses.replace(config.train, output_dir=out)
+    for f in dataclasses.fields(config):  # a trainer's own path fields: metadata {"path": True}
+        section = getattr(config, f.name)
+        if f.name not in changes and dataclasses.is_dataclass(section):
+            paths = {g.name: local(getattr(section, g.name)) for g in dataclasses.fields(section)
+                     if g.metadata.get("path")}
+            if paths:
+                changes[f.name] = dataclasses.replace(section, **paths)
     return dataclasses.replace(config, **changes)

@@ -138,6 +138,13 @@ def as_messages(value: str | Messages, role: str, system_prompt: str | None = No
     return messages
 
 
+def answer_text(value) -> str:
+    """An answer as text: a string, or the content of the last (assistant) message of a list."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return str(value[-1].get("content", ""))
+    return str(value)
+
+
 def render_generation_prompt(tokenizer, prompt: str | Messages, cfg: DataConfig) -> str:
     """Text the model continues from (GRPO): chat template with the assistant header, or the
     plain prompt when `data.chat` is false."""

@@ -80,34 +80,49 @@ class GRPOConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
 
     def __post_init__(self):
-        g, b = self.grpo.num_generations, self.train.batch_size
-        if b % g:
-            lower, upper = (b // g) * g, (b // g + 1) * g
-            divisors = [d for d in range(2, b + 1) if b % d == 0][-3:]
-            raise _field("train.batch_size",
-                         f"{b} completions per step is not a multiple of grpo.num_generations "
-                         f"{g} (each prompt's {g} completions must be in the same batch); set "
-                         f"train.batch_size to {' or '.join(str(v) for v in (lower, upper) if v)}"
-                         f", or grpo.num_generations to a divisor of {b} such as "
-                         f"{', '.join(map(str, divisors))}")
-        self.train.check_micro_batch()
-        mu = self.grpo.num_iterations
-        require(self.train.save_steps is None or self.train.save_steps % mu == 0,
-                "train.save_steps", f"expected a multiple of grpo.num_iterations {mu} "
-                "(checkpoints are taken between generation rounds)")
-        require(self.train.max_steps is None or self.train.max_steps % mu == 0,
-                "train.max_steps", f"expected a multiple of grpo.num_iterations {mu}")
+        check_group_batch(self.train, self.grpo.num_generations, "grpo")
+        check_iterations(self.train, self.grpo.num_iterations, "grpo")
 
     def split(self, world: int) -> int:
         """Prompts per process per round; each process generates whole groups."""
-        prompts = self.train.batch_size // self.grpo.num_generations
-        if prompts % world:
-            raise _field("train.batch_size",
-                         f"{prompts} prompts per step ({self.train.batch_size} completions / "
-                         f"{self.grpo.num_generations}) do not split over {world} processes; "
-                         f"use a multiple of {world * self.grpo.num_generations} completions")
-        self.train.accumulation_steps(world)
-        return prompts // world
+        return prompts_per_process(self.train, self.grpo.num_generations, world, "grpo")
+
+
+def check_group_batch(train: TrainConfig, group: int, section: str) -> None:
+    """The batch rule of group-sampling trainers: `train.batch_size` counts completions, a
+    multiple of `{section}.num_generations`; the error says which numbers would do."""
+    b = train.batch_size
+    if b % group:
+        lower, upper = (b // group) * group, (b // group + 1) * group
+        divisors = [d for d in range(2, b + 1) if b % d == 0][-3:]
+        raise _field("train.batch_size",
+                     f"{b} completions per step is not a multiple of {section}.num_generations "
+                     f"{group} (each prompt's {group} completions must be in the same batch); "
+                     f"set train.batch_size to {' or '.join(str(v) for v in (lower, upper) if v)}"
+                     f", or {section}.num_generations to a divisor of {b} such as "
+                     f"{', '.join(map(str, divisors))}")
+    train.check_micro_batch()
+
+
+def check_iterations(train: TrainConfig, mu: int, section: str) -> None:
+    """Checkpoints and the end fall between generation rounds of μ optimizer steps."""
+    require(train.save_steps is None or train.save_steps % mu == 0, "train.save_steps",
+            f"expected a multiple of {section}.num_iterations {mu} (checkpoints are taken "
+            "between generation rounds)")
+    require(train.max_steps is None or train.max_steps % mu == 0, "train.max_steps",
+            f"expected a multiple of {section}.num_iterations {mu}")
+
+
+def prompts_per_process(train: TrainConfig, group: int, world: int, section: str) -> int:
+    """Prompts per process per round; each process generates whole groups."""
+    prompts = train.batch_size // group
+    if prompts % world:
+        raise _field("train.batch_size",
+                     f"{prompts} prompts per step ({train.batch_size} completions / "
+                     f"{section}.num_generations {group}) do not split over {world} processes; "
+                     f"use a multiple of {world * group} completions")
+    train.accumulation_steps(world)
+    return prompts // world
 
 
 def _field(name: str, reason: str):
@@ -182,19 +197,74 @@ class Prompts:
     ids: list[list[int]]
 
 
-def load_prompts(config: GRPOConfig, tokenizer) -> Prompts:
-    data, params = config.data, config.grpo
+def load_prompts(data: DataConfig, max_prompt_length: int, tokenizer) -> Prompts:
+    """Every row's prompt, rendered and tokenised; the first tokens of a long one are dropped."""
     if data.chat and tokenizer.chat_template is None:
         raise TrainerConfigError("data.chat: the tokenizer has no chat template; set false")
     rows = load_rows(data, () if data.prompt_template else (data.prompt_field,))
     values = [prompt_value(row, data) for row in rows]
     ids = [tokenizer(render_generation_prompt(tokenizer, p, data),
                      add_special_tokens=False)["input_ids"] for p in values]
-    cut = sum(len(p) > params.max_prompt_length for p in ids)
+    cut = sum(len(p) > max_prompt_length for p in ids)
     if cut:
-        log.warning("%d prompts are longer than grpo.max_prompt_length %d; their first tokens "
-                    "are dropped", cut, params.max_prompt_length)
-    return Prompts(rows, values, [p[-params.max_prompt_length:] for p in ids])
+        log.warning("%d prompts are longer than max_prompt_length %d; their first tokens "
+                    "are dropped", cut, max_prompt_length)
+    return Prompts(rows, values, [p[-max_prompt_length:] for p in ids])
+
+
+def round_prompts(run, train: TrainConfig, data: DataConfig, n_rows: int, group: int,
+                  round_: int, orders: dict[int, list[int]]) -> list[int]:
+    """This process's prompt indices of generation round `round_`, each `group` times in a row.
+    The order of an epoch depends on (seed, epoch) only; `orders` caches the current one."""
+    per_step = train.batch_size // group
+    per_epoch = n_rows // per_step
+    epoch, offset = divmod(round_, per_epoch)
+    if epoch not in orders:
+        orders.clear()
+        orders[epoch] = epoch_order(n_rows, epoch, train.seed, data.shuffle)
+    batch = orders[epoch][offset * per_step:(offset + 1) * per_step]
+    local = per_step // run.world
+    return [j for j in batch[run.rank * local:(run.rank + 1) * local] for _ in range(group)]
+
+
+def generate(run, params, prompts: Prompts, mine: list[int], stops: set[int]
+             ) -> tuple[list[list[int]], list[str], float]:
+    """One sampled completion per entry of `mine` (token ids cut after the stop token), their
+    texts, and the seconds generation took. `params` has the sampling fields of GRPOParams."""
+    from .generation import sample
+
+    t0 = time.perf_counter()
+    completions = sample(run.policy, [prompts.ids[j] for j in mine], params,
+                         run.tokenizer.pad_token_id, stops, run.device)
+    seconds = time.perf_counter() - t0
+    return completions, run.tokenizer.batch_decode(completions, skip_special_tokens=True), seconds
+
+
+def length_metrics(run, completions: list[list[int]], stops: set[int]) -> tuple[dict, float]:
+    """Completion lengths and the share that ended with a stop token, over the global batch;
+    and the global batch's completion token count."""
+    from accelerate.utils import gather
+
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+    ended = torch.tensor([float(bool(c) and c[-1] in stops) for c in completions])
+    lengths, ended = gather(lengths.to(run.device)).cpu(), gather(ended.to(run.device)).cpu()
+    return {"completion_length/mean": float(lengths.mean()),
+            "completion_length/min": float(lengths.min()),
+            "completion_length/max": float(lengths.max()),
+            "terminated_fraction": float(ended.mean())}, float(lengths.sum())
+
+
+def rollout_pieces(run, prompts: Prompts, mine: list[int], completions: list[list[int]],
+                   micro: int, **per_completion: torch.Tensor) -> list[dict]:
+    """Micro-batches of this process's rollout (`pad_rollout`), each with its slice of every
+    per-completion tensor given (advantages, rewards, ...)."""
+    pieces = [pad_rollout([prompts.ids[j] for j in mine[k:k + micro]], completions[k:k + micro],
+                          run.tokenizer.pad_token_id, run.device)
+              for k in range(0, len(mine), micro)]
+    for k, piece in enumerate(pieces):
+        for name, values in per_completion.items():
+            piece[name] = values[k * micro:(k + 1) * micro].to(run.device)
+    return pieces
 
 
 def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_fns: list,
@@ -206,15 +276,10 @@ def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_f
     """
     from accelerate.utils import gather
 
-    from .generation import sample
     from .losses.policy import group_advantages
 
-    params, data, tokenizer = config.grpo, config.data, run.tokenizer
-    t0 = time.perf_counter()
-    completions = sample(run.policy, [prompts.ids[j] for j in mine], params,
-                         tokenizer.pad_token_id, stops, run.device)
-    gen_seconds = time.perf_counter() - t0
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    params, data = config.grpo, config.data
+    completions, texts, gen_seconds = generate(run, params, prompts, mine, stops)
     keys = sorted({k for j in mine for k in prompts.rows[j]} - {data.prompt_field})
     columns = {k: [prompts.rows[j].get(k) for j in mine] for k in keys}
     local = score(reward_fns, params.rewards, [prompts.values[j] for j in mine], texts, columns)
@@ -223,22 +288,93 @@ def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_f
     total = (rewards * weights).nansum(dim=1)
     total[torch.isnan(rewards).all(dim=1)] = math.nan  # no reward applied: no signal
     advantages = group_advantages(total, params.num_generations, params.scale_rewards)
-    advantages = advantages[run.rank * len(mine):(run.rank + 1) * len(mine)].to(run.device)
-    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
-    ended = torch.tensor([float(bool(c) and c[-1] in stops) for c in completions])
-    lengths, ended = gather(lengths.to(run.device)).cpu(), gather(ended.to(run.device)).cpu()
+    advantages = advantages[run.rank * len(mine):(run.rank + 1) * len(mine)]
+    lengths, num_tokens = length_metrics(run, completions, stops)
     metrics = {**reward_metrics(rewards, total, params.rewards, params.num_generations),
-               "completion_length/mean": float(lengths.mean()),
-               "completion_length/min": float(lengths.min()),
-               "completion_length/max": float(lengths.max()),
-               "terminated_fraction": float(ended.mean()), "gen_s": gen_seconds}
-    micro = config.train.micro_batch_size
-    pieces = [pad_rollout([prompts.ids[j] for j in mine[k:k + micro]], completions[k:k + micro],
-                          tokenizer.pad_token_id, run.device)
-              for k in range(0, len(mine), micro)]
-    for k, piece in enumerate(pieces):
-        piece["advantages"] = advantages[k * micro:(k + 1) * micro]
-    return pieces, metrics, float(lengths.sum())
+               **lengths, "gen_s": gen_seconds}
+    pieces = rollout_pieces(run, prompts, mine, completions, config.train.micro_batch_size,
+                            advantages=advantages)
+    return pieces, metrics, num_tokens
+
+
+def completion_logps(run, net, piece: dict, temperature: float, grad: bool) -> torch.Tensor:
+    """Per-token log-probs of a rollout piece's completion tokens under `net`. -> [b, T]"""
+    from .logprobs import token_logprobs
+
+    with nullcontext() if grad else torch.no_grad(), run.accelerator.autocast():
+        return token_logprobs(net, piece["input_ids"], piece["attention_mask"],
+                              piece["completion_mask"], temperature)
+
+
+def policy_loss(run, params, piece: dict, logp: torch.Tensor, num_pieces: int,
+                num_sequences: int, num_tokens: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped-ratio loss of one piece, scaled so that the pieces of all processes add up
+    to the global batch's loss; and its metric sums [6]: loss, kl, clip low/high/region (token
+    sums), tokens. `params` has GRPOParams' loss fields; `piece["old"]` is π_old when a batch
+    is reused (μ > 1), else None (π_old = π_θ detached)."""
+    from .losses.policy import grpo_token_loss
+
+    eps_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
+    old = piece.get("old")
+    loss, m = grpo_token_loss(
+        logp, old if old is not None else logp.detach(), piece.get("ref"), piece["advantages"],
+        piece["completion_mask"], eps_low=params.epsilon, eps_high=eps_high, beta=params.beta,
+        aggregation=params.loss_type, max_completion_length=params.max_completion_length,
+        num_sequences=num_sequences, num_tokens=num_tokens)
+    # Global normalisers make each piece's share exact. bnpo is per micro-batch by
+    # definition: average the pieces (`backward` multiplies by `world`, which 1/world undoes).
+    scale = 1 / (num_pieces * run.world) if params.loss_type == "bnpo" else 1.0
+    t = m["tokens"]
+    sums = torch.stack([loss.detach() * scale, m["kl"] * t, m["clip_low"] * t,
+                        m["clip_high"] * t, m["clip_region"] * t, t])
+    return loss * scale, sums
+
+
+def policy_metrics(sums: list[float]) -> dict:
+    """Step metrics from the reduced sums of `policy_loss`."""
+    tokens = max(sums[5], 1.0)
+    return {"loss": sums[0], "kl": sums[1] / tokens, "clip_ratio/low": sums[2] / tokens,
+            "clip_ratio/high": sums[3] / tokens, "clip_ratio/region": sums[4] / tokens}
+
+
+def optimise(run, params, pieces: list[dict], num_tokens: float, num_sequences: int,
+             round_metrics: dict, t0: float, companion=None) -> dict:
+    """`params.num_iterations` optimizer steps on one generation round's pieces; logs each step
+    and returns the last step's metrics. π_old (`piece["old"]`) and the reference log-probs
+    (`piece["ref"]`) must be set already.
+
+    `companion` trains a second network on the same pieces and steps (the critic of `train
+    pairwise`): `accumulate(last)` (its gradient sync), `loss(piece) -> (loss, sums)` added to
+    the piece's loss before the one backward, and `update(sums) -> metrics` after the policy's
+    step (`sums` reduced over the pieces and processes).
+    """
+    metrics: dict = {}
+    for _ in range(params.num_iterations):
+        sums = torch.zeros(6, device=run.device)
+        extra = None
+        for k, piece in enumerate(pieces):
+            last = k == len(pieces) - 1
+            with run.accumulate(last), \
+                    companion.accumulate(last) if companion else nullcontext():
+                logp = completion_logps(run, run.model, piece, params.temperature, grad=True)
+                loss, piece_sums = policy_loss(run, params, piece, logp, len(pieces),
+                                               num_sequences, num_tokens)
+                if companion is not None:
+                    extra_loss, extra_sums = companion.loss(piece)
+                    extra = extra_sums if extra is None else extra + extra_sums
+                    loss = loss + extra_loss
+                run.backward(loss)
+            sums += piece_sums
+        sums = run.reduce_sum(sums).tolist()
+        grad_norm, lr = run.update(sums[0])
+        companion_metrics = companion.update(run.reduce_sum(extra).tolist()) if companion else {}
+        seconds = time.perf_counter() - t0
+        metrics = {**policy_metrics(sums), **round_metrics, **companion_metrics, "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": num_tokens / seconds,
+                   "step_s": seconds}
+        t0 = time.perf_counter()
+        run.log(metrics)
+    return metrics
 
 
 def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
@@ -247,24 +383,23 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
     `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
     """
     from .generation import stop_token_ids
-    from .logprobs import token_logprobs
-    from .losses.policy import grpo_token_loss
     from .rewards import resolve_reward
     from .scaffold import Run
 
     train, params = config.train, config.grpo
     group, mu = params.num_generations, params.num_iterations
     run = Run(config, "grpo", resume)
-    local_prompts = config.split(run.world)
+    config.split(run.world)
 
     # Everything that can fail on user input happens before the model loads.
     reward_fns = []
     for j, spec in enumerate(params.rewards):
         try:
             reward_fns.append(resolve_reward(spec.name, spec.kwargs))
-        except ValueError as e:
-            raise TrainerConfigError(f"grpo.rewards.{j}.name: {e}") from None
-    prompts = load_prompts(config, run.tokenizer)
+        except ValueError as e:  # a factory's kwargs error names its kwarg
+            where = f"grpo.rewards.{j}." + ("" if str(e).startswith("kwargs.") else "name: ")
+            raise TrainerConfigError(f"{where}{e}") from None
+    prompts = load_prompts(config.data, params.max_prompt_length, run.tokenizer)
     prompts_per_step = train.batch_size // group
     rounds_per_epoch = len(prompts.rows) // prompts_per_step
     if rounds_per_epoch == 0:
@@ -275,12 +410,6 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
     run.start(max_steps, lambda step: {"round": step // mu,
                                        "prompts_seen": step // mu * prompts_per_step})
     stops = stop_token_ids(run.tokenizer, run.policy)
-    eps_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
-
-    def logps_of(net, piece, grad: bool) -> torch.Tensor:
-        with nullcontext() if grad else torch.no_grad(), run.accelerator.autocast():
-            return token_logprobs(net, piece["input_ids"], piece["attention_mask"],
-                                  piece["completion_mask"], params.temperature)
 
     metrics: dict = {}
     orders: dict[int, list[int]] = {}
@@ -288,52 +417,19 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
         while run.step < run.max_steps:
             # ---- generation round: this process's prompts, G completions each --------------
             t0 = time.perf_counter()
-            epoch, offset = divmod(run.step // mu, rounds_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: epoch_order(len(prompts.rows), epoch, train.seed,
-                                             config.data.shuffle)}
-            batch = orders[epoch][offset * prompts_per_step:(offset + 1) * prompts_per_step]
-            mine = [j for j in batch[run.rank * local_prompts:(run.rank + 1) * local_prompts]
-                    for _ in range(group)]  # each prompt G times, consecutive
+            mine = round_prompts(run, train, config.data, len(prompts.rows), group,
+                                 run.step // mu, orders)
             pieces, round_metrics, num_tokens = rollout(run, config, prompts, mine, reward_fns,
                                                         stops)
             for piece in pieces:
                 # π_old is needed only when the batch is reused; otherwise logp.detach() is it.
-                piece["old"] = logps_of(run.model, piece, grad=False) if mu > 1 else None
-                piece["ref"] = logps_of(ref, piece, grad=False) if ref is not None else None
-
+                piece["old"] = completion_logps(run, run.model, piece, params.temperature,
+                                                grad=False) if mu > 1 else None
+                piece["ref"] = completion_logps(run, ref, piece, params.temperature,
+                                                grad=False) if ref is not None else None
             # ---- μ optimizer steps on this batch ------------------------------------------
-            for _ in range(mu):
-                sums = torch.zeros(6, device=run.device)  # loss, kl, clip low/high/region, tokens
-                for k, piece in enumerate(pieces):
-                    with run.accumulate(last=k == len(pieces) - 1):
-                        logp = logps_of(run.model, piece, grad=True)  # [b, T]
-                        loss, m = grpo_token_loss(
-                            logp, piece["old"] if mu > 1 else logp.detach(), piece["ref"],
-                            piece["advantages"], piece["completion_mask"],
-                            eps_low=params.epsilon, eps_high=eps_high, beta=params.beta,
-                            aggregation=params.loss_type,
-                            max_completion_length=params.max_completion_length,
-                            num_sequences=train.batch_size, num_tokens=num_tokens)
-                        # Global normalisers make each piece's share exact. bnpo is per
-                        # micro-batch by definition: average the pieces (`backward` multiplies
-                        # by `world`, which the 1/world here undoes).
-                        scale = 1 / (len(pieces) * run.world) if params.loss_type == "bnpo" \
-                            else 1.0
-                        run.backward(loss * scale)
-                    t = m["tokens"]
-                    sums += torch.stack([loss.detach() * scale, m["kl"] * t, m["clip_low"] * t,
-                                         m["clip_high"] * t, m["clip_region"] * t, t])
-                sums = run.reduce_sum(sums).tolist()
-                loss_value, tokens = sums[0], max(sums[5], 1.0)
-                grad_norm, lr = run.update(loss_value)
-                seconds = time.perf_counter() - t0
-                metrics = {"loss": loss_value, **round_metrics, "kl": sums[1] / tokens,
-                           "clip_ratio/low": sums[2] / tokens, "clip_ratio/high": sums[3] / tokens,
-                           "clip_ratio/region": sums[4] / tokens, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": num_tokens / seconds, "step_s": seconds}
-                t0 = time.perf_counter()
-                run.log(metrics)
+            metrics = optimise(run, params, pieces, num_tokens, train.batch_size, round_metrics,
+                               t0)
             run.checkpoint_or_stop(metrics)  # between rounds
     return run.finish(metrics)
 

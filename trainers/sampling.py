@@ -330,7 +330,7 @@ def _generate_and_score(config, select) -> Path:
     import torch
 
     from . import runtime
-    from .data import load_rows, prompt_value, render_generation_prompt
+    from .data import answer_text, load_rows, prompt_value, render_generation_prompt
     from .generation import sample, stop_token_ids
 
     data, gen = config.data, config.generation
@@ -371,7 +371,7 @@ def _generate_and_score(config, select) -> Path:
                               texts[n * gen.num_samples:(n + 1) * gen.num_samples]]
                           for n, j in enumerate(block)}
             for j in block:
-                candidates[j] += [Candidate(_answer_text(rows[j][name]), name) for name in extra]
+                candidates[j] += [Candidate(answer_text(rows[j][name]), name) for name in extra]
             owners = [j for j in block for _ in candidates[j]]
             flat = [c for j in block for c in candidates[j]]
             keys = sorted({k for j in block for k in rows[j]} - {data.prompt_field})
@@ -403,13 +403,6 @@ def _generate_and_score(config, select) -> Path:
         log.warning("%d candidates got no reward (None) and were left out", counts["unscored"])
     log.info("%d pairs written to %s", counts["pairs"], out)
     return out
-
-
-def _answer_text(value) -> str:
-    """An existing answer as text: a string, or the last (assistant) message of a list."""
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        return str(value[-1].get("content", ""))
-    return str(value)
 
 
 def sample_pairs(config: SamplePairsConfig) -> Path:
