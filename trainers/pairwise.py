@@ -245,16 +245,20 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
     if params.anchor == "greedy":
         anchors = greedy_anchors(run, config, prompts.ids, ref)
     ref = ref if params.beta > 0 else None
-    run.start(max_steps, lambda step: {"round": step // mu,
-                                       "prompts_seen": step // mu * prompts_per_step})
+    # loaded before the RNG is seeded or restored, so a resumed run samples as the first did
     judge = Judge.load(params.judge, run.device, config.model.dtype, params.judge_batch_size,
                        fmt, "pairwise.judge")
+    run.start(max_steps, lambda step: {"round": step // mu,
+                                       "prompts_seen": step // mu * prompts_per_step})
     stops = stop_token_ids(run.tokenizer, run.policy)
     critic = None
     if params.critic:
         from .critic import Critic, critic_prefix
 
-        critic = Critic(run, config)
+        # its head's initialisation must not draw from the (restored) sampling RNG
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            critic = Critic(run, config)
         limit = params.max_prompt_length + params.max_completion_length
 
     metrics: dict = {}
