@@ -271,6 +271,9 @@ def _convert(value: Any, hint: Any, field: str, source) -> Any:
             fail("a number")
         return float(value)
     if hint is str:
+        if isinstance(value, bool):  # YAML 1.1: unquoted Yes/No/on/off are booleans
+            fail("a string (YAML reads an unquoted yes, no, on, off, true or false as a "
+                 "boolean: quote it)")
         if not isinstance(value, str):
             fail("a string")
         return value
