@@ -39,6 +39,7 @@ class Recipe:
     pretrain_steps: int = 1500
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
+    pretrain_group_by_length: bool = True  # batches of similar lengths: ~45% less padding work
     # SFT donor (word problems)
     sft_train: int = 2000
     sft_steps: int = 60

@@ -32,7 +32,8 @@ TASK_FIELDS = ("seed", "min_steps", "max_steps", "max_start", "max_operand", "ma
 DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": ((), TASK_FIELDS),
     "base": (("data",), ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads",
-                         "pretrain_steps", "pretrain_batch", "pretrain_lr")),
+                         "pretrain_steps", "pretrain_batch", "pretrain_lr",
+                         "pretrain_group_by_length")),
     "sft": (("base",), ("sft_steps", "sft_batch", "sft_lr")),
     "grpo": (("sft",), ("grpo_steps", "grpo_prompts", "grpo_group", "grpo_temperature",
                         "grpo_lr", "grpo_beta", "max_new_tokens")),
@@ -206,7 +207,8 @@ def make_base(ctx: Context) -> str:
     cfg = write_config(ctx, "pretrain", {
         "model": {"path": str(init)},
         "data": {"path": str(ctx.data / "pretrain.jsonl"), "chat": False},
-        "train": train_section(ctx, "base", r.pretrain_batch, r.pretrain_steps),
+        "train": {**train_section(ctx, "base", r.pretrain_batch, r.pretrain_steps),
+                  "group_by_length": r.pretrain_group_by_length},
         "optim": {"lr": r.pretrain_lr, "scheduler": "cosine", "warmup_ratio": 0.05,
                   "betas": [0.9, 0.99]},
         "sft": {"max_length": 256}})

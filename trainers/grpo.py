@@ -58,17 +58,22 @@ class GRPOParams:
         require(len(self.rewards) > 0, "rewards", "expected at least one reward function")
         require(self.num_generations >= 2, "num_generations",
                 "expected >= 2: advantages compare completions of the same prompt")
-        for name in ("max_prompt_length", "max_completion_length", "num_iterations"):
-            require(getattr(self, name) > 0, name, "expected > 0")
-        require(self.temperature > 0, "temperature", "expected > 0")
-        require(0 < self.top_p <= 1, "top_p", "expected in (0, 1]")
-        require(self.top_k >= 0, "top_k", "expected >= 0 (0: off)")
-        require(self.beta >= 0, "beta", "expected >= 0")
-        require(0 <= self.epsilon < 1, "epsilon", "expected in [0, 1)")
-        require(self.epsilon_high is None or self.epsilon_high >= 0, "epsilon_high",
-                "expected >= 0")
-        require(self.generation_batch_size is None or self.generation_batch_size > 0,
-                "generation_batch_size", "expected > 0 or null")
+        check_rollout_params(self)
+
+
+def check_rollout_params(params) -> None:
+    """The sampling and clipped-loss fields GRPO shares with `train pairwise`."""
+    for name in ("max_prompt_length", "max_completion_length", "num_iterations"):
+        require(getattr(params, name) > 0, name, "expected > 0")
+    require(params.temperature > 0, "temperature", "expected > 0")
+    require(0 < params.top_p <= 1, "top_p", "expected in (0, 1]")
+    require(params.top_k >= 0, "top_k", "expected >= 0 (0: off)")
+    require(params.beta >= 0, "beta", "expected >= 0")
+    require(0 <= params.epsilon < 1, "epsilon", "expected in [0, 1)")
+    require(params.epsilon_high is None or params.epsilon_high >= 0, "epsilon_high",
+            "expected >= 0")
+    require(params.generation_batch_size is None or params.generation_batch_size > 0,
+            "generation_batch_size", "expected > 0 or null")
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,7 @@ def train_judge(config: JudgeConfig, resume: str | None = None) -> Path:
 
     `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
     """
-    from .data import epoch_order
+    from .data import step_pieces
     from .judging import label_ids
     from .losses.pairwise import judge_loss
     from .scaffold import Run
@@ -225,19 +225,14 @@ def train_judge(config: JudgeConfig, resume: str | None = None) -> Path:
     run.start(runtime.total_steps(train, steps_per_epoch),
               lambda step: {"epoch": step / steps_per_epoch, "pairs_seen": step * train.batch_size})
 
-    per_device = train.batch_size // run.world
+    lengths = [max(len(p.chosen_first), len(p.rejected_first)) for p in pairs]
     orders: dict[int, list[int]] = {}
     metrics: dict = {}
     with run.signals():
         while run.step < run.max_steps:
             t0 = time.perf_counter()
-            epoch, offset = divmod(run.step, steps_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: epoch_order(len(pairs), epoch, train.seed, config.data.shuffle)}
-            batch = orders[epoch][offset * train.batch_size:(offset + 1) * train.batch_size]
-            mine = batch[run.rank * per_device:(run.rank + 1) * per_device]
-            pieces = [mine[k:k + train.micro_batch_size]
-                      for k in range(0, per_device, train.micro_batch_size)]
+            pieces = step_pieces(len(pairs), run.step, steps_per_epoch, train,
+                                 config.data.shuffle, run.rank, run.world, orders, lengths)
             sums = torch.zeros(5, device=run.device)  # loss, accuracy, consistency, order, n
             for k, indices in enumerate(pieces):
                 with run.accumulate(last=k == len(pieces) - 1):

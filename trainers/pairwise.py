@@ -76,19 +76,13 @@ class PairwiseParams:
         require(not (self.critic and self.advantage == "group"), "critic",
                 "a critic's GAE advantages replace the group normalisation; set "
                 "pairwise.advantage: anchor with critic: true, or critic: false")
-        for name in ("max_prompt_length", "max_completion_length", "num_iterations",
-                     "judge_batch_size"):
-            require(getattr(self, name) > 0, name, "expected > 0")
+        require(self.judge_batch_size > 0, "judge_batch_size", "expected > 0")
         require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma",
                 "expected 0 < gamma <= 1 and 0 <= lam <= 1")
         require(self.critic_lr is None or self.critic_lr > 0, "critic_lr", "expected > 0 or null")
-        require(self.temperature > 0, "temperature", "expected > 0")
-        require(0 < self.top_p <= 1, "top_p", "expected in (0, 1]")
-        require(self.top_k >= 0, "top_k", "expected >= 0 (0: off)")
-        require(self.beta >= 0, "beta", "expected >= 0")
-        require(0 <= self.epsilon < 1, "epsilon", "expected in [0, 1)")
-        require(self.epsilon_high is None or self.epsilon_high >= 0, "epsilon_high",
-                "expected >= 0")
+        from .grpo import check_rollout_params
+
+        check_rollout_params(self)
 
 
 @dataclass(frozen=True)
@@ -111,15 +105,11 @@ class PairwiseConfig:
 
 def reference_anchors(config: PairwiseConfig, rows: list[dict]) -> list[str]:
     """Each row's reference response; a row without one is an error that names the field."""
-    from .data import answer_text
+    from .data import answer_text, require_field
 
     name = config.pairwise.anchor_field
-    for i, row in enumerate(rows):
-        if row.get(name) is None:
-            raise TrainerConfigError(
-                f"pairwise.anchor_field: {config.data.path} row {i} has no field {name!r} "
-                f"(fields: {', '.join(row)}); set pairwise.anchor_field to the field holding "
-                "the reference response, or pairwise.anchor: greedy")
+    require_field(rows, name, config.data.path, "pairwise.anchor_field",
+                  "the field holding the reference response, or pairwise.anchor: greedy")
     return [answer_text(row[name]) for row in rows]
 
 

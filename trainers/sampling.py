@@ -347,7 +347,13 @@ def _generate_and_score(config, select) -> Path:
     import torch
 
     from . import runtime
-    from .data import answer_text, load_rows, prompt_value, render_generation_prompt
+    from .data import (
+        answer_text,
+        load_rows,
+        prompt_value,
+        render_generation_prompt,
+        require_field,
+    )
     from .generation import greedy, sample, stop_token_ids
 
     data, gen = config.data, config.generation
@@ -358,7 +364,9 @@ def _generate_and_score(config, select) -> Path:
     rows = load_rows(data, (() if data.prompt_template else (data.prompt_field,)) + extra)
     judged = config.reward.judge is not None
     if judged and config.reward.anchor == "reference":
-        _check_anchor_field(rows, config.reward.anchor_field, data.path)
+        require_field(rows, config.reward.anchor_field, data.path, "reward.anchor_field",
+                      "the field holding the response to judge against, or reward.anchor: "
+                      "greedy")
     tokenizer = runtime.load_tokenizer(config.model)
     if data.chat and tokenizer.chat_template is None:
         raise TrainerConfigError("data.chat: the tokenizer has no chat template; set false")
@@ -429,15 +437,6 @@ def _generate_and_score(config, select) -> Path:
         log.warning("%d candidates got no reward (None) and were left out", counts["unscored"])
     log.info("%d pairs written to %s", counts["pairs"], out)
     return out
-
-
-def _check_anchor_field(rows: list[dict], name: str, source: str) -> None:
-    for i, row in enumerate(rows):
-        if row.get(name) is None:
-            raise TrainerConfigError(
-                f"reward.anchor_field: {source} row {i} has no field {name!r} (fields: "
-                f"{', '.join(row)}); set reward.anchor_field to the field holding the response "
-                "to judge against, or reward.anchor: greedy")
 
 
 def sample_pairs(config: SamplePairsConfig) -> Path:

@@ -24,10 +24,10 @@ from . import runtime
 from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
 from .data import (
     as_messages,
-    epoch_order,
     load_rows,
     prompt_value,
     split_conversation,
+    step_pieces,
     tokenize_segments,
 )
 from .errors import TrainerConfigError
@@ -203,21 +203,17 @@ def train_sft(config: SFTConfig, resume: str | None = None) -> Path:
     run.start(runtime.total_steps(train, steps_per_epoch),
               lambda step: {"epoch": step / steps_per_epoch, "rows_seen": step * train.batch_size})
 
-    pad_id, per_device = run.tokenizer.pad_token_id, train.batch_size // run.world
+    pad_id = run.tokenizer.pad_token_id
+    lengths = [len(e.ids) for e in examples]
     orders: dict[int, list[int]] = {}
     metrics: dict = {}
     with run.signals():
         while run.step < run.max_steps:
             t0 = time.perf_counter()
-            # This step's global batch is a fixed slice of the epoch order; this process takes
-            # its contiguous share, split into micro-batches.
-            epoch, offset = divmod(run.step, steps_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: epoch_order(len(examples), epoch, train.seed, data.shuffle)}
-            batch = orders[epoch][offset * train.batch_size:(offset + 1) * train.batch_size]
-            mine = [examples[j] for j in batch[run.rank * per_device:(run.rank + 1) * per_device]]
-            micro = [collate(mine[k:k + train.micro_batch_size], pad_id, run.device)
-                     for k in range(0, per_device, train.micro_batch_size)]
+            pieces = step_pieces(len(examples), run.step, steps_per_epoch, train, data.shuffle,
+                                 run.rank, run.world, orders, lengths)
+            micro = [collate([examples[j] for j in piece], pad_id, run.device)
+                     for piece in pieces]
             total_weight, tokens = run.reduce_sum(torch.stack([
                 sum(mb["weights"].sum() for mb in micro),
                 sum(mb["attention_mask"].sum() for mb in micro).to(torch.float32)])).tolist()
