@@ -91,6 +91,17 @@ def label_ids(tokenizer, labels: tuple[str, str], field: str) -> tuple[int, int]
     return ids[0], ids[1]
 
 
+def check_tokenizer(tokenizer, fmt: JudgeFormat, field: str) -> tuple[int, int]:
+    """The judge's tokenizer can ask in this format: single-token labels (-> their ids) and,
+    for a chat format, a chat template."""
+    ids = label_ids(tokenizer, fmt.labels, f"{field} labels")
+    if fmt.chat and tokenizer.chat_template is None:
+        raise TrainerConfigError(f"{field}: the judge's tokenizer has no chat template, but it "
+                                 "was trained with data.chat: true; give a judge folder with its "
+                                 "tokenizer files")
+    return ids
+
+
 def check_judge_folder(spec: str, field: str) -> None:
     """A local judge must be a causal LM's folder (it answers with a token); a Hub id is
     checked when it loads. Reads config.json only, before any weights."""
@@ -174,12 +185,9 @@ class Judge:
     """A generative judge (model + tokenizer + format) that scores pairs of responses."""
 
     def __init__(self, model, tokenizer, fmt: JudgeFormat = JudgeFormat(), batch_size: int = 16,
-                 field: str = "judge.labels"):
+                 field: str = "judge"):
         self.model, self.tokenizer, self.fmt, self.batch_size = model, tokenizer, fmt, batch_size
-        self.yes, self.no = label_ids(tokenizer, fmt.labels, field)
-        if fmt.chat and tokenizer.chat_template is None:
-            raise TrainerConfigError(f"{field.rsplit('.', 1)[0]}.chat: the judge's tokenizer has "
-                                     "no chat template; set chat: false")
+        self.yes, self.no = check_tokenizer(tokenizer, fmt, field)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
             tokenizer.eos_token_id
 
@@ -193,10 +201,10 @@ class Judge:
         check_judge_folder(spec, field)
         fmt = fmt or stored_format(spec)
         tokenizer = AutoTokenizer.from_pretrained(spec)
-        label_ids(tokenizer, fmt.labels, f"{field} labels")  # fail before the weights load
+        check_tokenizer(tokenizer, fmt, field)  # fail before the weights load
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=getattr(torch, dtype))
         model.to(device or "cpu").eval().requires_grad_(False)
-        return cls(model, tokenizer, fmt, batch_size, f"{field} labels")
+        return cls(model, tokenizer, fmt, batch_size, field)
 
     @property
     def device(self):
@@ -248,7 +256,7 @@ class JudgeReward:
         self.fmt = stored_format(model)
         from transformers import AutoTokenizer
 
-        label_ids(AutoTokenizer.from_pretrained(model), self.fmt.labels, f"{field} labels")
+        check_tokenizer(AutoTokenizer.from_pretrained(model), self.fmt, field)
         self._judge: Judge | None = None
 
     def judge(self) -> Judge:

@@ -207,7 +207,7 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
 
     from . import grpo
     from .generation import stop_token_ids
-    from .judging import Judge, check_judge_folder, label_ids, question_text, stored_format
+    from .judging import Judge, check_judge_folder, check_tokenizer, question_text, stored_format
     from .losses.pairwise import anchor_advantages
     from .losses.policy import group_advantages
     from .scaffold import Run
@@ -220,7 +220,7 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
     # Everything that can fail on user input happens before a model loads.
     check_judge_folder(params.judge, "pairwise.judge")
     fmt = stored_format(params.judge)
-    label_ids(AutoTokenizer.from_pretrained(params.judge), fmt.labels, "pairwise.judge labels")
+    check_tokenizer(AutoTokenizer.from_pretrained(params.judge), fmt, "pairwise.judge")
     prompts = grpo.load_prompts(config.data, params.max_prompt_length, run.tokenizer)
     anchors = reference_anchors(config, prompts.rows) if params.anchor == "reference" else None
     questions = [question_text(v) for v in prompts.values]
