@@ -39,7 +39,9 @@ class Recipe:
     pretrain_steps: int = 1500
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
-    pretrain_group_by_length: bool = True  # batches of similar lengths: ~45% less padding work
+    # micro-batches cut from each step's rows sorted by length: the same batch and maths, ~20%
+    # less padding work (train.sort_by_length)
+    pretrain_micro_batch: int = 16
     # SFT donor (word problems)
     sft_train: int = 2000
     sft_steps: int = 60

@@ -33,7 +33,7 @@ DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": ((), TASK_FIELDS),
     "base": (("data",), ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads",
                          "pretrain_steps", "pretrain_batch", "pretrain_lr",
-                         "pretrain_group_by_length")),
+                         "pretrain_micro_batch")),
     "sft": (("base",), ("sft_steps", "sft_batch", "sft_lr")),
     "grpo": (("sft",), ("grpo_steps", "grpo_prompts", "grpo_group", "grpo_temperature",
                         "grpo_lr", "grpo_beta", "max_new_tokens")),
@@ -208,7 +208,8 @@ def make_base(ctx: Context) -> str:
         "model": {"path": str(init)},
         "data": {"path": str(ctx.data / "pretrain.jsonl"), "chat": False},
         "train": {**train_section(ctx, "base", r.pretrain_batch, r.pretrain_steps),
-                  "group_by_length": r.pretrain_group_by_length},
+                  "micro_batch_size": min(r.pretrain_micro_batch, r.pretrain_batch),
+                  "sort_by_length": True},
         "optim": {"lr": r.pretrain_lr, "scheduler": "cosine", "warmup_ratio": 0.05,
                   "betas": [0.9, 0.99]},
         "sft": {"max_length": 256}})

@@ -120,9 +120,9 @@ class TrainConfig:
     report_to: tuple[str, ...] = ("auto",)  # accelerate trackers; auto: tensorboard if installed
     progress_bar: bool = True
     overwrite_output_dir: bool = False  # start afresh in a folder that holds an earlier run
-    # SFT / WPO / judge: batches of rows of similar length (less padding), as transformers'
-    # group_by_length: the shuffled order is sorted by length within chunks of 50 batches
-    group_by_length: bool = False
+    # SFT / WPO / judge: cut each step's micro-batches from its rows sorted by length (less
+    # padding with micro_batch_size < batch_size; the batch and the maths stay the same)
+    sort_by_length: bool = False
 
     def __post_init__(self):
         require(bool(self.output_dir), "output_dir", "expected a folder")

@@ -115,36 +115,23 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-MEGABATCH = 50  # batches per length-sorted chunk (transformers' LengthGroupedSampler)
-
-
-def length_grouped(order: list[int], lengths: list[int], batch_size: int) -> list[int]:
-    """`order` cut into chunks of MEGABATCH batches, each sorted by length, longest first: the
-    batches cut from it hold rows of similar length (little padding) and stay random across
-    chunks, as transformers' `group_by_length` does."""
-    mega = MEGABATCH * batch_size
-    out: list[int] = []
-    for start in range(0, len(order), mega):
-        out += sorted(order[start:start + mega], key=lambda i: -lengths[i])
-    return out
-
-
 def step_pieces(n: int, step: int, steps_per_epoch: int, train, shuffle: bool, rank: int,
                 world: int, orders: dict[int, list[int]], lengths: list[int] | None = None
                 ) -> list[list[int]]:
     """This process's micro-batches of row indices for optimizer step `step`: the step's global
     batch is a fixed slice of the epoch order, this process takes its contiguous share, split
     into `train.micro_batch_size` pieces. `orders` caches the current epoch's order. With
-    `train.group_by_length`, the order is `length_grouped` by the rows' `lengths`."""
+    `train.sort_by_length`, the share is sorted by the rows' `lengths` before it is cut, so
+    each piece pads to rows of similar length: the batch, and so the maths, stay the same."""
     epoch, offset = divmod(step, steps_per_epoch)
     if epoch not in orders:
         orders.clear()
         orders[epoch] = epoch_order(n, epoch, train.seed, shuffle)
-        if train.group_by_length and lengths is not None:
-            orders[epoch] = length_grouped(orders[epoch], lengths, train.batch_size)
     batch = orders[epoch][offset * train.batch_size:(offset + 1) * train.batch_size]
     per_device = train.batch_size // world
     mine = batch[rank * per_device:(rank + 1) * per_device]
+    if train.sort_by_length and lengths is not None:
+        mine = sorted(mine, key=lambda i: -lengths[i])
     return [mine[k:k + train.micro_batch_size]
             for k in range(0, per_device, train.micro_batch_size)]
 

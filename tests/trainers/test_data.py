@@ -7,7 +7,6 @@ from transformers import AutoTokenizer
 
 from trainers.config import DataConfig, ModelConfig, TrainConfig
 from trainers.data import (
-    length_grouped,
     load_rows,
     render_generation_prompt,
     split_conversation,
@@ -128,19 +127,18 @@ def test_generation_prompt(tokenizer):
     assert render_generation_prompt(tokenizer, "Q", DataConfig(path="x", chat=False)) == "Q"
 
 
-def test_step_pieces_and_length_grouping():
+def test_step_pieces_and_sorting_by_length():
     train = TrainConfig(output_dir="o", batch_size=4, micro_batch_size=2)
     # unshuffled: step 1 is rows 4..7; process 1 of 2 takes 6, 7 in one micro-batch of 2
     assert step_pieces(12, 1, 3, train, False, rank=1, world=2, orders={}) == [[6, 7]]
     assert step_pieces(12, 4, 3, train, False, rank=0, world=1, orders={}) == [[4, 5], [6, 7]]
-    # grouped: within chunks of 50 batches (here all 12 rows), longest first
+    # sorted: the same rows in the step (the same batch), cut longest first
     lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 0, 11, 10]
-    order = length_grouped(list(range(12)), lengths, batch_size=4)
-    assert sorted(order) == list(range(12))
-    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
-    grouped = TrainConfig(output_dir="o", batch_size=4, micro_batch_size=4, group_by_length=True)
-    first = step_pieces(12, 0, 3, grouped, True, 0, 1, {}, lengths)
-    assert [lengths[i] for i in first[0]] == [11, 10, 9, 8]  # similar lengths in one batch
-    assert step_pieces(12, 0, 3, grouped, True, 0, 1, {}) != first  # no lengths: no grouping
-    chunked = length_grouped(list(range(400)), [i % 7 for i in range(400)], batch_size=2)
-    assert sorted(chunked[:100]) == list(range(100))  # sorted only inside each chunk of 100
+    sort = TrainConfig(output_dir="o", batch_size=4, micro_batch_size=2, sort_by_length=True)
+    for step in range(3):
+        plain = step_pieces(12, step, 3, train, True, 0, 1, {}, lengths)
+        pieces = step_pieces(12, step, 3, sort, True, 0, 1, {}, lengths)
+        assert sorted(sum(pieces, [])) == sorted(sum(plain, []))
+        assert [lengths[i] for i in sum(pieces, [])] == sorted(
+            (lengths[i] for i in sum(plain, [])), reverse=True)
+    assert step_pieces(12, 1, 3, sort, False, 1, 2, {}, lengths) == [[7, 6]]  # per process
