@@ -141,4 +141,5 @@ def test_step_pieces_and_sorting_by_length():
         assert sorted(sum(pieces, [])) == sorted(sum(plain, []))
         assert [lengths[i] for i in sum(pieces, [])] == sorted(
             (lengths[i] for i in sum(plain, [])), reverse=True)
-    assert step_pieces(12, 1, 3, sort, False, 1, 2, {}, lengths) == [[7, 6]]  # per process
+    ascending = list(range(12))  # per process: rank 1 of 2 takes rows 6, 7 of step 1, longest first
+    assert step_pieces(12, 1, 3, sort, False, 1, 2, {}, ascending) == [[7, 6]]
