@@ -8,7 +8,8 @@ fails; about a minute on one GPU (each case is its own `mergekit-rl` process).
     make gpu-smoke
 
 The cases are the table CASES, in order (later cases read what earlier ones wrote: GRPO and the
-samplers start from the SFT run, WPO trains on the sampled pairs, `extract` takes GRPO − SFT).
+samplers start from the SFT run, WPO and the judge train on the sampled pairs, Pairwise-RL
+uses that judge, `extract` takes GRPO − SFT).
 A new trainer or sampler is one more line. `{work}`, `{manifests}` and `{device}` are filled
 in (double the braces of a YAML flow mapping); every training case also gets the TRAIN
 overrides (bf16 autocast, a few steps, a checkpoint). The weight commands print their
@@ -61,6 +62,14 @@ CASES = [
     Case("train wpo", ("train", "wpo", "{manifests}/wpo_tiny.yaml"), train=True,
          sets=("model.path={work}/sft", "data.path={work}/pairs.jsonl",
                "train.output_dir={work}/wpo", "train.batch_size=4", "train.micro_batch_size=2")),
+    Case("train judge", ("train", "judge", "{manifests}/judge_tiny.yaml"), train=True,
+         sets=("model.path={work}/sft", "data.path={work}/pairs.jsonl",
+               "train.output_dir={work}/judge", "train.batch_size=4", "train.micro_batch_size=2",
+               "judge.eval_size=2")),
+    Case("train pairwise (critic)", ("train", "pairwise", "{manifests}/pairwise_tiny.yaml"),
+         train=True, sets=("model.path={work}/sft", "pairwise.judge={work}/judge",
+                           "train.output_dir={work}/pairwise", "pairwise.critic=true",
+                           "pairwise.beta=0.04")),
     Case("extract (trained donors)", ("extract", "{work}/grpo", "{work}/sft", "-o",
                                       "{work}/vector", "--device", "{device}", "--overwrite"),
          weights=True),

@@ -14,6 +14,11 @@ Every stage runs through the project's own tools (`stages.PIPELINE`), with confi
   sweep      instruct + α·v for α in -1..2, applied in memory as `mergekit-rl sweep` does
   pairs      `sample pairs` from SFT (chosen = correct, rejected = wrong)
   wpo / dpo  `train wpo` from SFT on those pairs, weighting on / off
+  judge      `train judge` from SFT on the same pairs: a generative pairwise judge
+  pairwise   `train pairwise` from SFT, reward P̄(sample ≻ the worked solution) (Pairwise-RL)
+  vector_pairwise  `extract pairwise sft`, `add instruct v_pairwise`
+  judged     the judge's win rate of sft / grpo / pairwise answers against the worked
+             solutions, separately for correct and flawed ones
   eval       greedy exact match on held-out items; report.json, report.png, the table
 
 Stages are recorded in `OUT/stages.json` with the recipe's fingerprint: a rerun reuses finished
@@ -38,7 +43,7 @@ from .stages import PIPELINE, Context, Stages, test_examples
 
 EVAL_FROM = {"base": "base", "sft": "sft", "grpo": "grpo", "instruct": "instruct",
              "instruct+v": "vector", "instruct-v": "vector", "merge": "vector", "wpo": "wpo",
-             "dpo": "dpo"}
+             "dpo": "dpo", "pairwise": "pairwise", "instruct+v_pairwise": "vector_pairwise"}
 
 
 def open_output(out: Path, fresh: bool) -> Path:

@@ -39,6 +39,9 @@ class Recipe:
     pretrain_steps: int = 1500
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
+    # micro-batches cut from each step's rows sorted by length: the same batch and maths, ~20%
+    # less padding work (train.sort_by_length)
+    pretrain_micro_batch: int = 16
     # SFT donor (word problems)
     sft_train: int = 2000
     sft_steps: int = 60
@@ -70,6 +73,15 @@ class Recipe:
     wpo_batch: int = 16
     wpo_lr: float = 1e-5
     wpo_beta: float = 0.1
+    # Pairwise-RL: a generative judge (from SFT, on those pairs) and a donor (from SFT) rewarded
+    # by P̄(response ≻ the worked solution), half of which are flawed
+    judge_steps: int = 60
+    judge_batch: int = 16
+    judge_lr: float = 1e-4
+    pairwise_steps: int = 40
+    pairwise_prompts: int = 8
+    pairwise_group: int = 8
+    pairwise_lr: float = 3e-5
 
     def __post_init__(self):
         try:  # the task specs check their own fields: fail here, before any work
@@ -108,7 +120,8 @@ QUICK = dict(n_test=200, pretrain_docs=3000, pretrain_steps=80, pretrain_batch=3
              intermediate=128, layers=2, sft_train=400, sft_steps=10, sft_batch=16,
              grpo_steps=4, grpo_prompts=8, grpo_group=4, max_new_tokens=40, instruct_train=400,
              instruct_steps=10, instruct_batch=16, pairs_prompts=32, pairs_samples=4, wpo_steps=4,
-             wpo_batch=8, sweep_items=100)
+             wpo_batch=8, sweep_items=100, judge_steps=4, judge_batch=8, pairwise_steps=2,
+             pairwise_prompts=4, pairwise_group=4)
 
 
 def make_recipe(quick: bool = False, overrides: tuple[str, ...] = ()) -> Recipe:

@@ -15,7 +15,9 @@ from .recipe import Recipe
 ROWS = (("base", "arithmetic"), ("sft", "arithmetic"), ("grpo", "arithmetic"),
         ("instruct", "arithmetic"), ("instruct+v", "arithmetic"), ("instruct-v", "arithmetic"),
         ("merge", "arithmetic"), ("wpo", "arithmetic"), ("dpo", "arithmetic"),
-        ("instruct", "instruction"), ("instruct+v", "instruction"))
+        ("pairwise", "arithmetic"), ("instruct+v_pairwise", "arithmetic"),
+        ("instruct", "instruction"), ("instruct+v", "instruction"),
+        ("instruct+v_pairwise", "instruction"))
 
 # what the recipe aims for (points of accuracy); reported, never enforced
 GOALS = (("grpo beats sft by >= 5 points", "grpo", "sft", 5.0),
@@ -26,7 +28,8 @@ GOALS = (("grpo beats sft by >= 5 points", "grpo", "sft", 5.0),
 MODEL_DIRS = {"base": "models/base", "sft": "models/sft", "grpo": "models/grpo",
               "instruct": "models/instruct", "instruct+v": "models/instruct_plus_v",
               "instruct-v": "models/instruct_minus_v", "merge": "models/merge",
-              "wpo": "models/wpo", "dpo": "models/dpo"}
+              "wpo": "models/wpo", "dpo": "models/dpo", "pairwise": "models/pairwise",
+              "instruct+v_pairwise": "models/instruct_plus_v_pairwise"}
 
 
 def build_report(out: Path, r: Recipe, quick: bool, results: dict, seconds: dict) -> dict:
@@ -52,8 +55,16 @@ def build_report(out: Path, r: Recipe, quick: bool, results: dict, seconds: dict
                                                                          "instruction"),
             "vector": {"l2": vector.total.l2, "sparsity": vector.total.sparsity,
                        "groups": [g.as_dict() for g in vector.groups]},
-            "sweep": sweep_report(out),
+            "sweep": sweep_report(out), "judged": judged(out),
             "seconds": seconds, "total_seconds": sum(seconds.values())}
+
+
+def judged(out: Path) -> dict | None:
+    """The judge's held-out accuracy and its win rates of the donors' answers (stage judged)."""
+    import json
+
+    path = out / "eval" / "judged.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 QUICK_NOTE = ("--quick is a smoke test of the pipeline (a few steps on a few examples): its "
@@ -86,7 +97,7 @@ def format_report(report: dict) -> Iterator[str]:
     yield ""
     if report.get("quick"):
         yield f"note: {QUICK_NOTE}"
-    yield (f"{'model':<14}{'word problems':>15}{'(complete)':>12}{'instructions':>15}   "
+    yield (f"{'model':<20}{'word problems':>15}{'(complete)':>12}{'instructions':>15}   "
            f"(greedy exact match, %, n={n})")
     by_model: dict[str, dict[str, dict]] = {}
     for row in report["rows"]:
@@ -97,7 +108,7 @@ def format_report(report: dict) -> Iterator[str]:
 
     for model, rows in by_model.items():
         arith, instr = rows["arithmetic"], rows.get("instruction", {})
-        yield (f"{model:<14}{cell(arith['accuracy'], 15)}"
+        yield (f"{model:<20}{cell(arith['accuracy'], 15)}"
                f"{cell(arith.get('complete'), 12, '({:.1f})')}{cell(instr.get('accuracy'), 15)}")
     yield ""
     for goal in report["goals"]:
@@ -105,6 +116,15 @@ def format_report(report: dict) -> Iterator[str]:
                f"{goal['difference']:+.1f} points")
     yield (f"instruct+v vs instruct on instructions: {report['instruction_change']:+.1f} points; "
            f"vector L2 {report['vector']['l2']:.3g}; total {report['total_seconds']:.0f}s")
+    verdict = report.get("judged")
+    if verdict:
+        yield (f"judge (held-out pairwise accuracy {100 * verdict['judge']['eval/accuracy']:.1f}%"
+               f") win rate against the worked solutions, correct ({verdict['n_correct']}) / "
+               f"flawed ({verdict['n_flawed']}):")
+        for name in ("sft", "grpo", "pairwise"):
+            row = verdict[name]
+            yield (f"  {name:<9}{100 * row['correct']['win_rate']:6.1f}% / "
+                   f"{100 * row['flawed']['win_rate']:5.1f}%")
     yield from format_sweep(report)
     if report.get("quick"):
         yield f"note: {QUICK_NOTE}"

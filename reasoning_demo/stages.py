@@ -32,7 +32,8 @@ TASK_FIELDS = ("seed", "min_steps", "max_steps", "max_start", "max_operand", "ma
 DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": ((), TASK_FIELDS),
     "base": (("data",), ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads",
-                         "pretrain_steps", "pretrain_batch", "pretrain_lr")),
+                         "pretrain_steps", "pretrain_batch", "pretrain_lr",
+                         "pretrain_micro_batch")),
     "sft": (("base",), ("sft_steps", "sft_batch", "sft_lr")),
     "grpo": (("sft",), ("grpo_steps", "grpo_prompts", "grpo_group", "grpo_temperature",
                         "grpo_lr", "grpo_beta", "max_new_tokens")),
@@ -42,6 +43,11 @@ DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pairs": (("sft",), ("pairs_samples", "max_new_tokens")),
     "wpo": (("pairs",), ("wpo_steps", "wpo_batch", "wpo_lr", "wpo_beta")),
     "dpo": (("pairs",), ("wpo_steps", "wpo_batch", "wpo_lr", "wpo_beta")),
+    "judge": (("pairs",), ("judge_steps", "judge_batch", "judge_lr")),
+    "pairwise": (("judge",), ("pairwise_steps", "pairwise_prompts", "pairwise_group",
+                              "pairwise_lr", "grpo_temperature", "max_new_tokens")),
+    "vector_pairwise": (("pairwise", "instruct"), ("alpha",)),
+    "judged": (("pairwise", "grpo"), ("n_test", "max_new_tokens")),
 }
 
 
@@ -203,7 +209,9 @@ def make_base(ctx: Context) -> str:
     cfg = write_config(ctx, "pretrain", {
         "model": {"path": str(init)},
         "data": {"path": str(ctx.data / "pretrain.jsonl"), "chat": False},
-        "train": train_section(ctx, "base", r.pretrain_batch, r.pretrain_steps),
+        "train": {**train_section(ctx, "base", r.pretrain_batch, r.pretrain_steps),
+                  "micro_batch_size": min(r.pretrain_micro_batch, r.pretrain_batch),
+                  "sort_by_length": True},
         "optim": {"lr": r.pretrain_lr, "scheduler": "cosine", "warmup_ratio": 0.05,
                   "betas": [0.9, 0.99]},
         "sft": {"max_length": 256}})
@@ -379,6 +387,92 @@ def preference_stage(name: str, weighting: bool):
     return fn
 
 
+def make_judge(ctx: Context) -> str:
+    """`train judge` from SFT on the sampled pairs (correct ≻ wrong), both orders per batch."""
+    r = ctx.recipe
+    n = len((ctx.data / "pairs.jsonl").read_text().splitlines())
+    cfg = write_config(ctx, "judge", {
+        "model": {"path": str(ctx.models / "sft")},
+        "data": {"path": str(ctx.data / "pairs.jsonl")},
+        "train": train_section(ctx, "judge", r.judge_batch, r.judge_steps),
+        "optim": {"lr": r.judge_lr, "scheduler": "cosine", "warmup_ratio": 0.1},
+        "judge": {"labels": ["Y", "N"], "max_question_length": 96, "max_response_length": 48,
+                  "eval_size": max(1, min(64, n // 5))}})
+    run_tool("judge", cfg)
+    result = json.loads((ctx.models / "judge" / "judge_eval.json").read_text())
+    return (f"train judge {cfg.relative_to(ctx.out)}: {r.judge_steps} steps, held-out pairwise "
+            f"accuracy {result['eval/accuracy']:.2f}, position consistency "
+            f"{result['eval/position_consistency']:.2f} ({result['eval/pairs']} pairs)")
+
+
+def make_pairwise(ctx: Context) -> str:
+    """`train pairwise` from SFT: reward P̄(sample ≻ the row's worked solution)."""
+    r = ctx.recipe
+    cfg = write_config(ctx, "pairwise", {
+        "model": {"path": str(ctx.models / "sft")},
+        "data": {"path": str(ctx.data / "arithmetic_train.jsonl")},
+        "train": train_section(ctx, "pairwise", r.pairwise_prompts * r.pairwise_group,
+                               r.pairwise_steps),
+        "optim": {"lr": r.pairwise_lr},
+        "pairwise": {"judge": str(ctx.models / "judge"), "anchor": "reference",
+                     "anchor_field": "completion", "advantage": "anchor",
+                     "num_generations": r.pairwise_group, "max_prompt_length": 192,
+                     "max_completion_length": r.max_new_tokens,
+                     "temperature": r.grpo_temperature, "loss_type": "grpo",
+                     "judge_batch_size": 64}})
+    run_tool("pairwise", cfg)
+    rewards = logged(ctx.models / "pairwise", "reward")
+    return (f"train pairwise {cfg.relative_to(ctx.out)}: {r.pairwise_steps} steps, judged "
+            f"P̄(sample ≻ worked solution) {mean(rewards[:3]):.2f} -> {mean(rewards[-3:]):.2f}")
+
+
+def make_pairwise_vector(ctx: Context) -> str:
+    """`extract pairwise sft` and `add` it to the sibling."""
+    from mergekit_rl.job import Options
+    from mergekit_rl.vectors import apply, extract
+
+    opts = Options(overwrite=True, command="mergekit-rl demo")
+    extract(str(ctx.models / "pairwise"), str(ctx.models / "sft"), ctx.out / "vector_pairwise",
+            opts)
+    apply(str(ctx.models / "instruct"), str(ctx.out / "vector_pairwise"),
+          ctx.models / "instruct_plus_v_pairwise", ctx.recipe.alpha, opts)
+    return f"extract pairwise sft -> vector_pairwise; add instruct (alpha {ctx.recipe.alpha:g})"
+
+
+def make_judged(ctx: Context) -> str:
+    """The judge's verdict on each donor's greedy answers to the held-out problems against
+    their worked solutions, separately for correct and flawed solutions."""
+    from trainers.judging import Judge
+
+    from .evaluate import greedy_responses, load
+
+    tests = [tasks.Example(**json.loads(line))
+             for line in (ctx.data / "arithmetic_test.jsonl").read_text().splitlines()]
+    correct = [tasks.is_correct(e.completion, e) for e in tests]
+    judge = Judge.load(str(ctx.models / "judge"), batch_size=64)
+    result = {"judge": json.loads((ctx.models / "judge" / "judge_eval.json").read_text()),
+              "n_correct": sum(correct), "n_flawed": len(tests) - sum(correct)}
+    for name in ("sft", "grpo", "pairwise"):
+        model, tokenizer = load(ctx.models / name)
+        responses = greedy_responses(model, tokenizer, [e.prompt for e in tests],
+                                     ctx.recipe.max_new_tokens)
+        preference = judge.preference([e.prompt for e in tests], responses,
+                                      [e.completion for e in tests]).tolist()
+        row = {}
+        for part, keep in (("correct", True), ("flawed", False)):
+            values = [p for p, c in zip(preference, correct) if c == keep]
+            row[part] = {"mean_preference": mean(values),
+                         "win_rate": mean([float(p > 0.5) + 0.5 * (p == 0.5) for p in values])}
+        result[name] = row
+    path = ctx.out / "eval" / "judged.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    p = result["pairwise"]
+    return (f"judged win rate of pairwise vs worked solutions: "
+            f"{100 * p['correct']['win_rate']:.1f}% (correct ones), "
+            f"{100 * p['flawed']['win_rate']:.1f}% (flawed ones)")
+
+
 # (stage, outputs relative to OUT, function), in order
 PIPELINE = (
     ("data", ["data"], make_data),
@@ -395,4 +489,9 @@ PIPELINE = (
     ("pairs", ["data/pairs.jsonl"], make_pairs),
     ("wpo", ["models/wpo"], preference_stage("wpo", True)),
     ("dpo", ["models/dpo"], preference_stage("dpo", False)),
+    ("judge", ["models/judge"], make_judge),
+    ("pairwise", ["models/pairwise"], make_pairwise),
+    ("vector_pairwise", ["vector_pairwise", "models/instruct_plus_v_pairwise"],
+     make_pairwise_vector),
+    ("judged", ["eval/judged.json"], make_judged),
 )

@@ -13,7 +13,11 @@ import yaml
 
 TRAINERS = {"SFTConfig": ("sft", "Supervised fine-tuning on completions"),
             "GRPOConfig": ("grpo", "GRPO (DeepSeekMath, arXiv 2402.03300)"),
-            "WPOConfig": ("wpo", "Preference optimisation with WPO weighting (arXiv 2406.11827)")}
+            "WPOConfig": ("wpo", "Preference optimisation with WPO weighting (arXiv 2406.11827)"),
+            "JudgeConfig": ("judge", "A generative pairwise judge (Pairwise-RL, arXiv 2504.04950; "
+                                     "our reconstruction)"),
+            "PairwiseConfig": ("pairwise", "Pairwise-RL's anchor-relative policy step (arXiv "
+                                           "2504.04950; our reconstruction)")}
 
 
 def _hub_id(path: str) -> str | None:
@@ -78,6 +82,10 @@ def write_training_card(directory: Path, config, config_dict: dict, state: dict,
                   "model = AutoModelForCausalLM.from_pretrained(PATH_OR_REPO)",
                   "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)"]
     lines += ["```", ""]
+    if kind in ("judge", "pairwise"):
+        from .judging import card_lines
+
+        lines += card_lines(config)
     if kind == "grpo":
         lines += ["The reasoning vector of this run is `mergekit-rl extract THIS_MODEL "
                   "SFT_START -o vector`.", ""]

@@ -1,4 +1,4 @@
-"""`mergekit-rl train sft|grpo|wpo CONFIG` and `mergekit-rl sample pairs|rso CONFIG`.
+"""`mergekit-rl train sft|grpo|wpo|judge|pairwise CONFIG` and `mergekit-rl sample pairs|rso CONFIG`.
 
 Two Click groups that `mergekit-rl` loads as entry points (`mergekit_rl.console.PluginGroup`);
 `python -m trainers train grpo CONFIG` runs the same commands where a launcher needs a module
@@ -19,10 +19,11 @@ import click
 from mergekit_rl.console import setup_logging, user_errors
 
 # Top-level config keys: a message about one of them is prefixed with the config file.
-SECTIONS = ("model", "data", "train", "optim", "sft", "grpo", "wpo", "reward", "generation",
-            "pairs", "rso", "output", "seed", "overwrite")
+SECTIONS = ("model", "data", "train", "optim", "sft", "grpo", "wpo", "judge", "pairwise", "reward",
+            "generation", "pairs", "rso", "output", "seed", "overwrite")
 # Training-only files that stay local when a run is pushed.
-PUSH_IGNORE = ("checkpoint-*", "*.tmp", "*.tmp/*", "ref_logps.pt", "runs/*")
+PUSH_IGNORE = ("checkpoint-*", "*.tmp", "*.tmp/*", "ref_logps.pt", "runs/*", "critic/*",
+               "greedy_anchors.json")
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
@@ -149,14 +150,34 @@ wpo.weight_clamp). Rows: prompt, chosen, rejected (strings or chat messages), e.
 output of `mergekit-rl sample pairs`. Reference log-probs are computed once and cached in
 train.output_dir. Outputs as for `train sft`; Ctrl-C or SIGTERM writes a checkpoint first.""")
 
+judge = _train_command("judge", """A generative pairwise judge (Pairwise-RL, arXiv 2504.04950;
+design reconstructed from the abstract, GenRM and pair-pm: ours).
+
+Reads "Question / Response A / Response B / Is Response A better than Response B?" and
+answers with one token (judge.labels, default Yes/No, checked to be single tokens). Both
+orders of every pair are in the same batch; judge.loss two_way (softmax over the two labels)
+or full_vocab (GenRM's cross-entropy); judge.consistency_weight penalises p(a≻b) + p(b≻a) ≠ 1.
+Held-out pairwise accuracy and position consistency go to metrics.jsonl, judge_eval.json and
+the model card. Rows: prompt, chosen, rejected (e.g. the output of `sample pairs`).""")
+
+pairwise = _train_command("pairwise", """Pairwise-RL's policy step (arXiv 2504.04950; our
+reconstruction): reward P̄(y ≻ anchor) from a `train judge` judge.
+
+G samples per prompt; pairwise.anchor reference (the row's pairwise.anchor_field, default),
+greedy (the starting policy's greedy response, computed once and cached) or group (a random
+member of the group); clipped ratio (epsilon, epsilon_high), k3 KL (beta); pairwise.advantage
+anchor (r − ½) or group (GRPO normalisation); pairwise.critic adds a value model trained with
+GAE (gamma, lam). Batch rule and outputs as for `train grpo`.""")
+
 pairs = _sample_command("pairs", """On-policy or hybrid preference pairs (WPO's best setting,
 arXiv 2406.11827).
 
 Samples generation.num_samples completions per prompt from model.path, scores them with
-reward.function (a rule: built-in or module:function) or reward.model (a local
-sequence-classification reward model); chosen = best, rejected = lowest (pairs.rejected:
-random). pairs.mode hybrid adds the row's own answers (pairs.off_policy_fields) to the
-candidates. Writes JSONL that `train wpo` reads.""")
+reward.function (a rule: built-in or module:function), reward.model (a local
+sequence-classification reward model) or reward.judge (a `train judge` folder: P̄(y ≻ the
+row's reward.anchor_field, or the policy's greedy response)); chosen = best, rejected =
+lowest (pairs.rejected: random). pairs.mode hybrid adds the row's own answers
+(pairs.off_policy_fields) to the candidates. Writes JSONL that `train wpo` reads.""")
 
 rso = _sample_command("rso", """RSO statistical rejection sampling (arXiv 2309.06657) into
 preference pairs.
@@ -166,9 +187,10 @@ Samples generation.num_samples candidates per prompt (paper: 64, temperature 0.7
 exp((r − r_max)/rso.beta), and pairs them (rso.pairing: first_round or tournament).
 Train on the output with `train wpo` and wpo.loss_type hinge or sigmoid (β = γ = 0.05).""")
 
-train = click.Group("train", help="Train the donor checkpoints (SFT, GRPO, WPO) on this machine "
-                                  "or data-parallel with torchrun / accelerate launch.",
-                    commands=[sft, grpo, wpo])
+train = click.Group("train", help="Train the donor checkpoints (SFT, GRPO, WPO, Pairwise-RL) and "
+                                  "pairwise judges on this machine or data-parallel with torchrun "
+                                  "/ accelerate launch.",
+                    commands=[sft, grpo, wpo, judge, pairwise])
 
 sample = click.Group("sample", help="Make preference pairs by sampling from a policy and "
                                     "scoring with a reward (WPO hybrid pairs, RSO).",

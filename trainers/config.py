@@ -166,6 +166,9 @@ class TrainConfig:
     progress_bar: bool = True
     overwrite_output_dir: bool = False  # start afresh in a folder that holds an earlier run
     num_threads: int | None = None  # torch.set_num_threads at start; null: torch default
+    # SFT / WPO / judge: cut each step's micro-batches from its rows sorted by length (less
+    # padding with micro_batch_size < batch_size; the batch and the maths stay the same)
+    sort_by_length: bool = False
 
     def __post_init__(self):
         require(bool(self.output_dir), "output_dir", "expected a folder")
@@ -357,6 +360,9 @@ def _convert(value: Any, hint: Any, field: str, source) -> Any:
             fail("a number")
         return float(value)
     if hint is str:
+        if isinstance(value, bool):  # YAML 1.1: unquoted Yes/No/on/off are booleans
+            fail("a string (YAML reads an unquoted yes, no, on, off, true or false as a "
+                 "boolean: quote it)")
         if not isinstance(value, str):
             fail("a string")
         return value
@@ -389,9 +395,10 @@ def save_config(config, path: Path) -> None:
 
 
 def resolve_paths(config, base: Path):
-    """Make local `model.path`, `model.tokenizer`, `data.path`, `train.output_dir` absolute,
-    relative to `base` (the config's folder); Hub ids stay as they are (`hub.local_path` is the
-    one rule for telling them apart)."""
+    """Make local `model.path`, `model.tokenizer`, `data.path`, `train.output_dir` and the
+    fields a section marks with `field(metadata={"path": True})` absolute, relative to `base`
+    (the config's folder); Hub ids stay as they are (`hub.local_path` is the one rule for
+    telling them apart)."""
     from mergekit_rl.hub import join_local, local_path
 
     base = Path(base).resolve()
@@ -410,4 +417,11 @@ def resolve_paths(config, base: Path):
     if hasattr(config, "train"):
         out = str(join_local(config.train.output_dir, base).resolve())
         changes["train"] = dataclasses.replace(config.train, output_dir=out)
+    for f in dataclasses.fields(config):  # a trainer's own path fields: metadata {"path": True}
+        section = getattr(config, f.name)
+        if f.name not in changes and dataclasses.is_dataclass(section):
+            paths = {g.name: local(getattr(section, g.name)) for g in dataclasses.fields(section)
+                     if g.metadata.get("path")}
+            if paths:
+                changes[f.name] = dataclasses.replace(section, **paths)
     return dataclasses.replace(config, **changes)

@@ -160,6 +160,35 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+def step_pieces(n: int, step: int, steps_per_epoch: int, train, shuffle: bool, rank: int,
+                world: int, orders: dict[int, list[int]], lengths: list[int] | None = None
+                ) -> list[list[int]]:
+    """This process's micro-batches of row indices for optimizer step `step`: the step's global
+    batch is a fixed slice of the epoch order, this process takes its contiguous share, split
+    into `train.micro_batch_size` pieces. `orders` caches the current epoch's order. With
+    `train.sort_by_length`, the share is sorted by the rows' `lengths` before it is cut, so
+    each piece pads to rows of similar length: the batch, and so the maths, stay the same."""
+    epoch, offset = divmod(step, steps_per_epoch)
+    if epoch not in orders:
+        orders.clear()
+        orders[epoch] = epoch_order(n, epoch, train.seed, shuffle)
+    batch = orders[epoch][offset * train.batch_size:(offset + 1) * train.batch_size]
+    per_device = train.batch_size // world
+    mine = batch[rank * per_device:(rank + 1) * per_device]
+    if train.sort_by_length and lengths is not None:
+        mine = sorted(mine, key=lambda i: -lengths[i])
+    return [mine[k:k + train.micro_batch_size]
+            for k in range(0, per_device, train.micro_batch_size)]
+
+
+def require_field(rows: list[dict], name: str, source: str, option: str, remedy: str) -> None:
+    """Every row has `name` (not None), else an error naming the row, the option and a remedy."""
+    for i, row in enumerate(rows):
+        if row.get(name) is None:
+            raise TrainerConfigError(f"{option}: {source} row {i} has no field {name!r} (fields: "
+                                     f"{', '.join(row)}); set {option} to {remedy}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts and conversations
 
@@ -181,6 +210,13 @@ def as_messages(value: str | Messages, role: str, system_prompt: str | None = No
     if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+def answer_text(value) -> str:
+    """An answer as text: a string, or the content of the last (assistant) message of a list."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return str(value[-1].get("content", ""))
+    return str(value)
 
 
 def render_generation_prompt(tokenizer, prompt: str | Messages, cfg: DataConfig) -> str:

@@ -16,6 +16,8 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -62,17 +64,22 @@ class GRPOParams:
         require(len(self.rewards) > 0, "rewards", "expected at least one reward function")
         require(self.num_generations >= 2, "num_generations",
                 "expected >= 2: advantages compare completions of the same prompt")
-        for name in ("max_prompt_length", "max_completion_length", "num_iterations"):
-            require(getattr(self, name) > 0, name, "expected > 0")
-        require(self.temperature > 0, "temperature", "expected > 0")
-        require(0 < self.top_p <= 1, "top_p", "expected in (0, 1]")
-        require(self.top_k >= 0, "top_k", "expected >= 0 (0: off)")
-        require(self.beta >= 0, "beta", "expected >= 0")
-        require(0 <= self.epsilon < 1, "epsilon", "expected in [0, 1)")
-        require(self.epsilon_high is None or self.epsilon_high >= 0, "epsilon_high",
-                "expected >= 0")
-        require(self.generation_batch_size is None or self.generation_batch_size > 0,
-                "generation_batch_size", "expected > 0 or null")
+        check_rollout_params(self)
+
+
+def check_rollout_params(params) -> None:
+    """The sampling and clipped-loss fields GRPO shares with `train pairwise`."""
+    for name in ("max_prompt_length", "max_completion_length", "num_iterations"):
+        require(getattr(params, name) > 0, name, "expected > 0")
+    require(params.temperature > 0, "temperature", "expected > 0")
+    require(0 < params.top_p <= 1, "top_p", "expected in (0, 1]")
+    require(params.top_k >= 0, "top_k", "expected >= 0 (0: off)")
+    require(params.beta >= 0, "beta", "expected >= 0")
+    require(0 <= params.epsilon < 1, "epsilon", "expected in [0, 1)")
+    require(params.epsilon_high is None or params.epsilon_high >= 0, "epsilon_high",
+            "expected >= 0")
+    require(params.generation_batch_size is None or params.generation_batch_size > 0,
+            "generation_batch_size", "expected > 0 or null")
 
 
 @dataclass(frozen=True)
@@ -84,34 +91,49 @@ class GRPOConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
 
     def __post_init__(self):
-        g, b = self.grpo.num_generations, self.train.batch_size
-        if b % g:
-            lower, upper = (b // g) * g, (b // g + 1) * g
-            divisors = [d for d in range(2, b + 1) if b % d == 0][-3:]
-            raise _field("train.batch_size",
-                         f"{b} completions per step is not a multiple of grpo.num_generations "
-                         f"{g} (each prompt's {g} completions must be in the same batch); set "
-                         f"train.batch_size to {' or '.join(str(v) for v in (lower, upper) if v)}"
-                         f", or grpo.num_generations to a divisor of {b} such as "
-                         f"{', '.join(map(str, divisors))}")
-        self.train.check_micro_batch()
-        mu = self.grpo.num_iterations
-        require(self.train.save_steps is None or self.train.save_steps % mu == 0,
-                "train.save_steps", f"expected a multiple of grpo.num_iterations {mu} "
-                "(checkpoints are taken between generation rounds)")
-        require(self.train.max_steps is None or self.train.max_steps % mu == 0,
-                "train.max_steps", f"expected a multiple of grpo.num_iterations {mu}")
+        check_group_batch(self.train, self.grpo.num_generations, "grpo")
+        check_iterations(self.train, self.grpo.num_iterations, "grpo")
 
     def split(self, world: int) -> int:
         """Prompts per process per round; each process generates whole groups."""
-        prompts = self.train.batch_size // self.grpo.num_generations
-        if prompts % world:
-            raise _field("train.batch_size",
-                         f"{prompts} prompts per step ({self.train.batch_size} completions / "
-                         f"{self.grpo.num_generations}) do not split over {world} processes; "
-                         f"use a multiple of {world * self.grpo.num_generations} completions")
-        self.train.accumulation_steps(world)
-        return prompts // world
+        return prompts_per_process(self.train, self.grpo.num_generations, world, "grpo")
+
+
+def check_group_batch(train: TrainConfig, group: int, section: str) -> None:
+    """The batch rule of group-sampling trainers: `train.batch_size` counts completions, a
+    multiple of `{section}.num_generations`; the error says which numbers would do."""
+    b = train.batch_size
+    if b % group:
+        lower, upper = (b // group) * group, (b // group + 1) * group
+        divisors = [d for d in range(2, b + 1) if b % d == 0][-3:]
+        raise _field("train.batch_size",
+                     f"{b} completions per step is not a multiple of {section}.num_generations "
+                     f"{group} (each prompt's {group} completions must be in the same batch); "
+                     f"set train.batch_size to {' or '.join(str(v) for v in (lower, upper) if v)}"
+                     f", or {section}.num_generations to a divisor of {b} such as "
+                     f"{', '.join(map(str, divisors))}")
+    train.check_micro_batch()
+
+
+def check_iterations(train: TrainConfig, mu: int, section: str) -> None:
+    """Checkpoints and the end fall between generation rounds of μ optimizer steps."""
+    require(train.save_steps is None or train.save_steps % mu == 0, "train.save_steps",
+            f"expected a multiple of {section}.num_iterations {mu} (checkpoints are taken "
+            "between generation rounds)")
+    require(train.max_steps is None or train.max_steps % mu == 0, "train.max_steps",
+            f"expected a multiple of {section}.num_iterations {mu}")
+
+
+def prompts_per_process(train: TrainConfig, group: int, world: int, section: str) -> int:
+    """Prompts per process per round; each process generates whole groups."""
+    prompts = train.batch_size // group
+    if prompts % world:
+        raise _field("train.batch_size",
+                     f"{prompts} prompts per step ({train.batch_size} completions / "
+                     f"{section}.num_generations {group}) do not split over {world} processes; "
+                     f"use a multiple of {world * group} completions")
+    train.accumulation_steps(world)
+    return prompts // world
 
 
 def _field(name: str, reason: str):
@@ -191,29 +213,28 @@ class PromptIds:
     ids: list[int]
 
 
-def load_prompts(config: GRPOConfig, tokenizer, accelerator=None) -> tuple[Prompts,
-                                                                           Prompts | None]:
-    """The training prompts and the held-out ones (None without data.eval_*), tokenised
-    through the cache."""
+def load_prompts(data: DataConfig, max_prompt_length: int, tokenizer, seed: int,
+                 accelerator=None, section: str = "grpo") -> tuple[Prompts, Prompts | None]:
+    """The training prompts and the held-out ones (None without data.eval_*), rendered and
+    tokenised through the cache; the first tokens of a long prompt are dropped."""
     from .config import to_dict
     from .datacache import cached, tokenizer_fingerprint
 
-    data, params = config.data, config.grpo
     if data.chat and tokenizer.chat_template is None:
         raise TrainerConfigError("data.chat: the tokenizer has no chat template; set false")
     required = () if data.prompt_template else (data.prompt_field,)
-    splits = load_splits(data, required, config.train.seed)
+    splits = load_splits(data, required, seed)
     key = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": to_dict(data),
-           "max_prompt_length": params.max_prompt_length}
+           "max_prompt_length": max_prompt_length}
 
     def encode(values):
         ids = [tokenizer(render_generation_prompt(tokenizer, p, data),
                          add_special_tokens=False)["input_ids"] for p in values]
-        cut = sum(len(p) > params.max_prompt_length for p in ids)
+        cut = sum(len(p) > max_prompt_length for p in ids)
         if cut:
-            log.warning("%d prompts are longer than grpo.max_prompt_length %d; their first "
-                        "tokens are dropped", cut, params.max_prompt_length)
-        return [PromptIds(p[-params.max_prompt_length:]) for p in ids]
+            log.warning("%d prompts are longer than %s.max_prompt_length %d; their first "
+                        "tokens are dropped", cut, section, max_prompt_length)
+        return [PromptIds(p[-max_prompt_length:]) for p in ids]
 
     out = []
     for rows in splits:
@@ -221,7 +242,7 @@ def load_prompts(config: GRPOConfig, tokenizer, accelerator=None) -> tuple[Promp
             out.append(None)
             continue
         values = [prompt_value(row, data) for row in rows]
-        ids = cached("grpo", {**key, "rows": rows.fingerprint},
+        ids = cached(section, {**key, "rows": rows.fingerprint},
                      lambda values=values: encode(values), PromptIds, accelerator, data.cache)
         out.append(Prompts(rows, values, [p.ids for p in ids]))
     return out[0], out[1]
@@ -246,6 +267,72 @@ def columns_of(prompts: Prompts, indices: list[int], prompt_field: str) -> dict[
     return {k: [prompts.rows[j].get(k) for j in indices] for k in keys}
 
 
+def round_prompts(run, train: TrainConfig, data: DataConfig, n_rows: int, group: int,
+                  round_: int, orders: dict[int, list[int]]) -> list[int]:
+    """This process's prompt indices of generation round `round_`, each `group` times in a row.
+    The order of an epoch depends on (seed, epoch) only; `orders` caches the current one."""
+    per_step = train.batch_size // group
+    per_epoch = n_rows // per_step
+    epoch, offset = divmod(round_, per_epoch)
+    if epoch not in orders:
+        orders.clear()
+        orders[epoch] = epoch_order(n_rows, epoch, train.seed, data.shuffle)
+    batch = orders[epoch][offset * per_step:(offset + 1) * per_step]
+    local = per_step // run.world
+    return [j for j in batch[run.rank * local:(run.rank + 1) * local] for _ in range(group)]
+
+
+def round_seeds(params, seed: int, round_index: int, mine: list[int], group: int
+                ) -> list[int] | None:
+    """Per-completion generator seeds of a round (`sample_seeding: prompt`), else None."""
+    if params.sample_seeding != "prompt":
+        return None
+    return [sample_seed(seed, round_index, j, k % group) for k, j in enumerate(mine)]
+
+
+def generate(run, params, prompts: Prompts, mine: list[int], stops: set[int],
+             seeds: list[int] | None = None) -> tuple[list[list[int]], list[str], float]:
+    """One sampled completion per entry of `mine` (token ids cut after the stop token), their
+    texts, and the seconds generation took. `params` has the sampling fields of GRPOParams;
+    `seeds`: one generator seed per completion (`round_seeds`)."""
+    from .generation import sample
+
+    t0 = time.perf_counter()
+    with run.generation() as policy:
+        completions = sample(policy, [prompts.ids[j] for j in mine], params,
+                             run.tokenizer.pad_token_id, stops, run.device, seeds=seeds,
+                             synced_gpus=run.synced)
+    seconds = time.perf_counter() - t0
+    return completions, run.tokenizer.batch_decode(completions, skip_special_tokens=True), seconds
+
+
+def length_metrics(run, completions: list[list[int]], stops: set[int]) -> tuple[dict, float]:
+    """Completion lengths and the share that ended with a stop token, over the global batch;
+    and the global batch's completion token count."""
+    from accelerate.utils import gather
+
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+    ended = torch.tensor([float(bool(c) and c[-1] in stops) for c in completions])
+    lengths, ended = gather(lengths.to(run.device)).cpu(), gather(ended.to(run.device)).cpu()
+    return {"completion_length/mean": float(lengths.mean()),
+            "completion_length/min": float(lengths.min()),
+            "completion_length/max": float(lengths.max()),
+            "terminated_fraction": float(ended.mean())}, float(lengths.sum())
+
+
+def rollout_pieces(run, prompts: Prompts, mine: list[int], completions: list[list[int]],
+                   micro: int, **per_completion: torch.Tensor) -> list[dict]:
+    """Micro-batches of this process's rollout (`pad_rollout`), each with its slice of every
+    per-completion tensor given (advantages, rewards, ...)."""
+    pieces = [pad_rollout([prompts.ids[j] for j in mine[k:k + micro]], completions[k:k + micro],
+                          run.tokenizer.pad_token_id, run.device)
+              for k in range(0, len(mine), micro)]
+    for k, piece in enumerate(pieces):
+        for name, values in per_completion.items():
+            piece[name] = values[k * micro:(k + 1) * micro].to(run.device)
+    return pieces
+
+
 def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_fns: list,
             stops: set[int], seeds: list[int] | None) -> tuple[list[dict], dict, float]:
     """Sample this process's completions (each prompt index in `mine` once per completion),
@@ -255,38 +342,104 @@ def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_f
     """
     from accelerate.utils import gather
 
-    from .generation import sample
     from .losses.policy import group_advantages
 
-    params, data, tokenizer = config.grpo, config.data, run.tokenizer
-    t0 = time.perf_counter()
-    with run.generation() as policy:
-        completions = sample(policy, [prompts.ids[j] for j in mine], params,
-                             tokenizer.pad_token_id, stops, run.device, seeds=seeds,
-                             synced_gpus=run.synced)
-    gen_seconds = time.perf_counter() - t0
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    params, data = config.grpo, config.data
+    completions, texts, gen_seconds = generate(run, params, prompts, mine, stops, seeds)
     local = score(reward_fns, params.rewards, [prompts.values[j] for j in mine], texts,
                   columns_of(prompts, mine, data.prompt_field))
     rewards = gather(local.to(run.device)).cpu()  # [B, F], in process order
     total = weighted_total(rewards, params.rewards)
     advantages = group_advantages(total, params.num_generations, params.scale_rewards)
-    advantages = advantages[run.rank * len(mine):(run.rank + 1) * len(mine)].to(run.device)
-    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
-    ended = torch.tensor([float(bool(c) and c[-1] in stops) for c in completions])
-    lengths, ended = gather(lengths.to(run.device)).cpu(), gather(ended.to(run.device)).cpu()
+    advantages = advantages[run.rank * len(mine):(run.rank + 1) * len(mine)]
+    lengths, num_tokens = length_metrics(run, completions, stops)
     metrics = {**reward_metrics(rewards, total, params.rewards, params.num_generations),
-               "completion_length/mean": float(lengths.mean()),
-               "completion_length/min": float(lengths.min()),
-               "completion_length/max": float(lengths.max()),
-               "terminated_fraction": float(ended.mean()), "gen_s": gen_seconds}
-    micro = config.train.micro_batch_size
-    pieces = [pad_rollout([prompts.ids[j] for j in mine[k:k + micro]], completions[k:k + micro],
-                          tokenizer.pad_token_id, run.device)
-              for k in range(0, len(mine), micro)]
-    for k, piece in enumerate(pieces):
-        piece["advantages"] = advantages[k * micro:(k + 1) * micro]
-    return pieces, metrics, float(lengths.sum())
+               **lengths, "gen_s": gen_seconds}
+    pieces = rollout_pieces(run, prompts, mine, completions, config.train.micro_batch_size,
+                            advantages=advantages)
+    return pieces, metrics, num_tokens
+
+
+def completion_logps(run, net, piece: dict, temperature: float, grad: bool,
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """Per-token log-probs of a rollout piece's completion tokens under `net`. -> [b, T]"""
+    from .logprobs import token_logprobs
+
+    with nullcontext() if grad else torch.no_grad(), run.autocast():
+        return token_logprobs(net, piece["input_ids"], piece["attention_mask"],
+                              piece["completion_mask"], temperature, start=piece["start"],
+                              chunk_size=chunk_size)
+
+
+def policy_loss(run, params, piece: dict, num_pieces: int, num_sequences: int,
+                num_tokens: torch.Tensor, chunk_size: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`piece_loss` under the policy, scaled so that the pieces of all processes add up to the
+    global batch's loss; and its metric sums [6]: loss, kl, clip low/high/region (token sums),
+    tokens. `params` has GRPOParams' loss fields; `piece["old"]` is π_old when a batch is
+    reused (μ > 1), else None (π_old = π_θ detached)."""
+    eps_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
+    loss, m = piece_loss(run.model, piece, params, temperature=params.temperature,
+                         eps_high=eps_high, num_sequences=num_sequences, num_tokens=num_tokens,
+                         chunk_size=chunk_size)
+    # Global normalisers make each piece's share exact. bnpo is per micro-batch by
+    # definition: average the pieces (`backward` multiplies by `world`, which 1/world undoes).
+    scale = 1 / (num_pieces * run.world) if params.loss_type == "bnpo" else 1.0
+    t = m["tokens"]
+    sums = torch.stack([loss.detach() * scale, m["kl"] * t, m["clip_low"] * t,
+                        m["clip_high"] * t, m["clip_region"] * t, t])
+    return loss * scale, sums
+
+
+def policy_metrics(sums: list[float]) -> dict:
+    """Step metrics from the reduced sums of `policy_loss`."""
+    tokens = max(sums[5], 1.0)
+    return {"loss": sums[0], "kl": sums[1] / tokens, "clip_ratio/low": sums[2] / tokens,
+            "clip_ratio/high": sums[3] / tokens, "clip_ratio/region": sums[4] / tokens}
+
+
+def optimise(run, params, pieces: list[dict], num_tokens: float, num_sequences: int,
+             round_metrics: dict, t0: float, companion=None, chunk_size: int | None = None,
+             evaluate: Callable[[], dict] | None = None) -> dict:
+    """`params.num_iterations` optimizer steps on one generation round's pieces; logs each step
+    and returns the last step's metrics. π_old (`piece["old"]`) and the reference log-probs
+    (`piece["ref"]`) must be set already.
+
+    `companion` trains a second network on the same pieces and steps (the critic of `train
+    pairwise`): `accumulate(last)` (its gradient sync), `loss(piece) -> (loss, sums)` added to
+    the piece's loss before the one backward, and `update(sums) -> metrics` after the policy's
+    step (`sums` reduced over the pieces and processes). `evaluate()` gives the held-out
+    metrics (`Run.evaluate` decides at which steps).
+    """
+    metrics: dict = {}
+    total = torch.tensor(float(num_tokens), device=run.device)  # no host sync inside the step
+    for _ in range(params.num_iterations):
+        sums = torch.zeros(6, device=run.device)
+        extra = None
+        for k, piece in enumerate(pieces):
+            last = k == len(pieces) - 1
+            with run.accumulate(last), \
+                    companion.accumulate(last) if companion else nullcontext():
+                loss, piece_sums = policy_loss(run, params, piece, len(pieces), num_sequences,
+                                               total, chunk_size)
+                if companion is not None:
+                    extra_loss, extra_sums = companion.loss(piece)
+                    extra = extra_sums if extra is None else extra + extra_sums
+                    loss = loss + extra_loss
+                run.backward(loss)
+            sums += piece_sums
+        sums = run.reduce_sum(sums).tolist()
+        grad_norm, lr = run.update(sums[0])
+        companion_metrics = companion.update(run.reduce_sum(extra).tolist()) if companion else {}
+        seconds = time.perf_counter() - t0
+        metrics = {**policy_metrics(sums), **round_metrics, **companion_metrics, "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": float(num_tokens) / seconds,
+                   "step_s": seconds}
+        if evaluate is not None:
+            metrics |= run.evaluate(evaluate)
+        t0 = time.perf_counter()
+        run.log(metrics)
+    return metrics
 
 
 def piece_loss(model, piece: dict, params: GRPOParams, *, temperature: float,
@@ -335,7 +488,6 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
     `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
     """
     from .generation import stop_token_ids
-    from .logprobs import token_logprobs
     from .rewards import resolve_reward
     from .scaffold import Run
 
@@ -349,9 +501,11 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
     for j, spec in enumerate(params.rewards):
         try:
             reward_fns.append(resolve_reward(spec.name, spec.kwargs))
-        except ValueError as e:
-            raise TrainerConfigError(f"grpo.rewards.{j}.name: {e}") from None
-    prompts, held_out = load_prompts(config, run.tokenizer, run.accelerator)
+        except ValueError as e:  # a factory's kwargs error names its kwarg
+            where = f"grpo.rewards.{j}." + ("" if str(e).startswith("kwargs.") else "name: ")
+            raise TrainerConfigError(f"{where}{e}") from None
+    prompts, held_out = load_prompts(config.data, params.max_prompt_length, run.tokenizer,
+                                     train.seed, run.accelerator, "grpo")
     prompts_per_step = train.batch_size // group
     rounds_per_epoch = len(prompts.rows) // prompts_per_step
     if rounds_per_epoch == 0:
@@ -374,14 +528,7 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
                     "hint": "grpo.generation_batch_size, grpo.max_completion_length"})
     ref = run.load_reference() if params.beta > 0 else None
     stops = stop_token_ids(run.tokenizer, run.policy)
-    eps_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
     chunk = config.model.lm_head_chunk_size
-
-    def logps_of(net, piece) -> torch.Tensor:
-        with torch.no_grad(), run.autocast():
-            return token_logprobs(net, piece["input_ids"], piece["attention_mask"],
-                                  piece["completion_mask"], params.temperature,
-                                  start=piece["start"], chunk_size=chunk)
 
     metrics: dict = {}
     orders: dict[int, list[int]] = {}
@@ -390,54 +537,22 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
             # ---- generation round: this process's prompts, G completions each --------------
             t0 = time.perf_counter()
             round_index = run.step // mu
-            epoch, offset = divmod(round_index, rounds_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: epoch_order(len(prompts.rows), epoch, train.seed,
-                                             config.data.shuffle)}
-            batch = orders[epoch][offset * prompts_per_step:(offset + 1) * prompts_per_step]
-            mine_prompts = batch[run.rank * local_prompts:(run.rank + 1) * local_prompts]
-            mine = [j for j in mine_prompts for _ in range(group)]  # each prompt G times
-            seeds = [sample_seed(train.seed, round_index, j, g) for j in mine_prompts
-                     for g in range(group)] if params.sample_seeding == "prompt" else None
+            mine = round_prompts(run, train, config.data, len(prompts.rows), group, round_index,
+                                 orders)
+            seeds = round_seeds(params, train.seed, round_index, mine, group)
             pieces, round_metrics, num_tokens = rollout(run, config, prompts, mine, reward_fns,
                                                         stops, seeds)
             for piece in pieces:
                 # π_old is needed only when the batch is reused; otherwise logp.detach() is it.
-                piece["old"] = logps_of(run.model, piece) if mu > 1 else None
-                piece["ref"] = logps_of(ref, piece) if ref is not None else None
-            num_tokens = torch.tensor(num_tokens, device=run.device)
-
+                piece["old"] = completion_logps(run, run.model, piece, params.temperature,
+                                                grad=False, chunk_size=chunk) if mu > 1 else None
+                piece["ref"] = completion_logps(run, ref, piece, params.temperature, grad=False,
+                                                chunk_size=chunk) if ref is not None else None
             # ---- μ optimizer steps on this batch ------------------------------------------
-            for _ in range(mu):
-                sums = torch.zeros(6, device=run.device)  # loss, kl, clip low/high/region, tokens
-                for k, piece in enumerate(pieces):
-                    with run.accumulate(last=k == len(pieces) - 1):
-                        loss, m = piece_loss(run.model, piece, params,
-                                             temperature=params.temperature, eps_high=eps_high,
-                                             num_sequences=train.batch_size,
-                                             num_tokens=num_tokens, chunk_size=chunk)
-                        # Global normalisers make each piece's share exact. bnpo is per
-                        # micro-batch by definition: average the pieces (`backward` multiplies
-                        # by `world`, which the 1/world here undoes).
-                        scale = 1 / (len(pieces) * run.world) if params.loss_type == "bnpo" \
-                            else 1.0
-                        run.backward(loss * scale)
-                    t = m["tokens"]
-                    sums += torch.stack([loss.detach() * scale, m["kl"] * t, m["clip_low"] * t,
-                                         m["clip_high"] * t, m["clip_region"] * t, t])
-                sums = run.reduce_sum(sums).tolist()
-                loss_value, tokens = sums[0], max(sums[5], 1.0)
-                grad_norm, lr = run.update(loss_value)
-                seconds = time.perf_counter() - t0
-                metrics = {"loss": loss_value, **round_metrics, "kl": sums[1] / tokens,
-                           "clip_ratio/low": sums[2] / tokens, "clip_ratio/high": sums[3] / tokens,
-                           "clip_ratio/region": sums[4] / tokens, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": float(num_tokens) / seconds, "step_s": seconds}
-                if held_out is not None:
-                    metrics |= run.evaluate(lambda: evaluate(run, config, held_out, reward_fns,
-                                                             stops))
-                t0 = time.perf_counter()
-                run.log(metrics)
+            held = (lambda: evaluate(run, config, held_out, reward_fns, stops)) \
+                if held_out is not None else None
+            metrics = optimise(run, params, pieces, num_tokens, train.batch_size, round_metrics,
+                               t0, chunk_size=chunk, evaluate=held)
             run.checkpoint_or_stop(metrics)  # between rounds
     return run.finish(metrics)
 

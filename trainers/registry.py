@@ -9,7 +9,9 @@ from pathlib import Path
 
 TRAINERS = {"sft": ("trainers.sft", "SFTConfig", "train_sft"),
             "grpo": ("trainers.grpo", "GRPOConfig", "train_grpo"),
-            "wpo": ("trainers.wpo", "WPOConfig", "train_wpo")}
+            "wpo": ("trainers.wpo", "WPOConfig", "train_wpo"),
+            "judge": ("trainers.judge", "JudgeConfig", "train_judge"),
+            "pairwise": ("trainers.pairwise", "PairwiseConfig", "train_pairwise")}
 SAMPLERS = {"pairs": ("trainers.sampling", "SamplePairsConfig", "sample_pairs"),
             "rso": ("trainers.sampling", "SampleRSOConfig", "sample_rso")}
 

@@ -5,7 +5,9 @@ appears G times). `columns` holds the other dataset fields of each row, aligned 
 (GSM8K: `answer`). A reward is a float, or None where the function does not apply; None is
 left out of the weighted sum (like TRL's nansum).
 
-Config names a reward by built-in name (`exact_answer`, `format`) or by `module:function`.
+Config names a reward by built-in name (`exact_answer`, `format`, `judge`: a generative pairwise
+judge's P̄(completion ≻ anchor), `kwargs: {model: JUDGE_FOLDER, anchor: FIELD}`) or by
+`module:function`.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ def check_rewards(values, count: int, what: str) -> list[float | None]:
 
 
 BUILTIN: dict[str, RewardFunction] = {"exact_answer": exact_answer, "format": format_reward}
+# Rewards built from their kwargs (a model to load): name -> (module, factory).
+FACTORIES = {"judge": ("trainers.judging", "judge_reward")}  # P̄(completion ≻ anchor column)
 
 
 def resolve_reward(name: str, kwargs: dict | None = None) -> RewardFunction:
@@ -126,6 +130,12 @@ def resolve_reward(name: str, kwargs: dict | None = None) -> RewardFunction:
 
     Raises ValueError naming the reward when it cannot be imported or is not callable.
     """
+    if name in FACTORIES:  # checks its kwargs now; any model loads on the first call
+        module_name, factory = FACTORIES[name]
+        try:
+            return getattr(importlib.import_module(module_name), factory)(**(kwargs or {}))
+        except TypeError as e:
+            raise ValueError(f"reward {name!r}: {e}") from None
     if name in BUILTIN:
         fn = BUILTIN[name]
     else:

@@ -12,9 +12,11 @@ Both commands sample completions of each prompt from a local policy (`generation
   ("first_round": K/2 disjoint random pairs; "tournament": K−1 matches).
 
 A reward is a rule callable `(prompts, completions, **columns) -> list[float | None]` (the GRPO
-reward functions: a built-in or module:function) or a local sequence-classification reward model
-(one logit per text). The selection maths (`rejection_sample`, `pair_*`, `best_and_worst`) are
-pure functions of the rewards and a `random.Random`.
+reward functions: a built-in or module:function), a local sequence-classification reward model
+(one logit per text), or a generative pairwise judge (`train judge`) scoring P̄(candidate ≻
+anchor) against the row's reference (`reward.anchor_field`) or the policy's greedy response
+(RSO's pairwise ranker against a baseline response). The selection maths (`rejection_sample`,
+`pair_*`, `best_and_worst`) are pure functions of the rewards and a `random.Random`.
 """
 
 from __future__ import annotations
@@ -134,13 +136,17 @@ class RewardConfig:
     function: str | None = None  # built-in (exact_answer, format) or module:function
     kwargs: dict[str, Any] = field(default_factory=dict)
     model: str | None = None  # local sequence-classification reward model (one logit)
-    batch_size: int = 8  # texts per reward-model forward
+    # a generative pairwise judge (`train judge`): reward P̄(candidate ≻ anchor)
+    judge: str | None = None
+    anchor: Literal["reference", "greedy"] = "reference"  # judge: the row's field, or the
+    anchor_field: str = "answer"  # policy's greedy response (RSO's baseline response)
+    batch_size: int = 8  # texts per reward-model forward (judge: inputs per forward)
     max_length: int = 1024  # reward-model tokens; longer texts keep their last tokens
 
     def __post_init__(self):
-        require((self.function is None) != (self.model is None), "function",
-                "give exactly one of reward.function (a rule) and reward.model (a local "
-                "sequence-classification model)")
+        require(sum(x is not None for x in (self.function, self.model, self.judge)) == 1,
+                "function", "give exactly one of reward.function (a rule), reward.model (a "
+                "local sequence-classification model) and reward.judge (a `train judge` folder)")
         require(self.batch_size > 0 and self.max_length > 0, "batch_size", "expected > 0")
 
 
@@ -220,18 +226,21 @@ class SampleRSOConfig:
 
 
 def load_sample_config(cls, path: str | Path, overrides=()):
-    """`load_config` plus the paths only sampling has (`output`, `reward.model`), made absolute
-    relative to the config file."""
+    """`load_config` plus the paths only sampling has (`output`, `reward.model`,
+    `reward.judge`), made absolute relative to the config file."""
     from mergekit_rl.hub import local_path
 
     config = load_config(cls, path, overrides)
     base = Path(path).resolve().parent
-    model = config.reward.model
-    model_path = None if model is None else local_path(model, base)
+
+    def resolved(spec: str | None) -> str | None:
+        found = None if spec is None else local_path(spec, base)
+        return spec if found is None else str(found.resolve())
+
     return dataclasses.replace(
         config, output=str((base / Path(config.output).expanduser()).resolve()),
-        reward=dataclasses.replace(config.reward, model=model if model_path is None
-                                   else str(model_path.resolve())))
+        reward=dataclasses.replace(config.reward, model=resolved(config.reward.model),
+                                   judge=resolved(config.reward.judge)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,10 +294,18 @@ class RewardModelScorer:
         return scores
 
 
+GREEDY_ANCHOR = "__greedy_anchor__"  # the column that holds the policy's greedy responses
+
+
 def make_reward(cfg: RewardConfig, chat: bool, device):
     """The configured reward as a callable `(prompts, completions, **columns) -> list`."""
     if cfg.model is not None:
         return RewardModelScorer(cfg, chat, device)
+    if cfg.judge is not None:
+        from .judging import JudgeReward
+
+        anchor = cfg.anchor_field if cfg.anchor == "reference" else GREEDY_ANCHOR
+        return JudgeReward(cfg.judge, anchor, cfg.batch_size, field="reward.judge")
     from .rewards import resolve_reward
 
     try:
@@ -330,8 +347,14 @@ def _generate_and_score(config, select) -> Path:
     import torch
 
     from . import models, runtime
-    from .data import load_rows, prompt_value, render_generation_prompt
-    from .generation import sample, stop_token_ids
+    from .data import (
+        answer_text,
+        load_rows,
+        prompt_value,
+        render_generation_prompt,
+        require_field,
+    )
+    from .generation import greedy, sample, stop_token_ids
     from .scaffold import check_model_path
 
     data, gen = config.data, config.generation
@@ -341,6 +364,11 @@ def _generate_and_score(config, select) -> Path:
     hybrid = getattr(config, "pairs", None) is not None and config.pairs.mode == "hybrid"
     extra = config.pairs.off_policy_fields if hybrid else ()
     rows = load_rows(data, (() if data.prompt_template else (data.prompt_field,)) + extra)
+    judged = config.reward.judge is not None
+    if judged and config.reward.anchor == "reference":
+        require_field(rows, config.reward.anchor_field, data.path, "reward.anchor_field",
+                      "the field holding the response to judge against, or reward.anchor: "
+                      "greedy")
     tokenizer = runtime.load_tokenizer(config.model)
     if data.chat and tokenizer.chat_template is None:
         raise TrainerConfigError("data.chat: the tokenizer has no chat template; set false")
@@ -373,11 +401,17 @@ def _generate_and_score(config, select) -> Path:
                               texts[n * gen.num_samples:(n + 1) * gen.num_samples]]
                           for n, j in enumerate(block)}
             for j in block:
-                candidates[j] += [Candidate(_answer_text(rows[j][name]), name) for name in extra]
+                candidates[j] += [Candidate(answer_text(rows[j][name]), name) for name in extra]
             owners = [j for j in block for _ in candidates[j]]
             flat = [c for j in block for c in candidates[j]]
             keys = sorted({k for j in block for k in rows[j]} - {data.prompt_field})
             columns = {k: [rows[j].get(k) for j in owners] for k in keys}
+            if judged and config.reward.anchor == "greedy":  # RSO's baseline response
+                anchors = greedy(model, [prompt_ids[j] for j in block],
+                                 gen.max_completion_length, tokenizer.pad_token_id, eos_ids)
+                texts_of = dict(zip(block, tokenizer.batch_decode(anchors,
+                                                                  skip_special_tokens=True)))
+                columns[GREEDY_ANCHOR] = [texts_of[j] for j in owners]
             for c, r in zip(flat, score(reward, [prompts[j] for j in owners],
                                         [c.text for c in flat], columns)):
                 c.reward = r
@@ -405,13 +439,6 @@ def _generate_and_score(config, select) -> Path:
         log.warning("%d candidates got no reward (None) and were left out", counts["unscored"])
     log.info("%d pairs written to %s", counts["pairs"], out)
     return out
-
-
-def _answer_text(value) -> str:
-    """An existing answer as text: a string, or the last (assistant) message of a list."""
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        return str(value[-1].get("content", ""))
-    return str(value)
 
 
 def sample_pairs(config: SamplePairsConfig) -> Path:

@@ -28,6 +28,7 @@ from .data import (
     load_splits,
     prompt_value,
     split_conversation,
+    step_pieces,
     tokenize_segments,
 )
 from .errors import TrainerConfigError
@@ -287,7 +288,8 @@ def train_sft(config: SFTConfig, resume: str | None = None) -> Path:
                               + (f"; {len(eval_examples):,} held out" if eval_examples else "")],
                     "sequence_length": longest, "hint": "sft.max_length"})
 
-    pad_id, per_device = run.tokenizer.pad_token_id, train.batch_size // run.world
+    pad_id = run.tokenizer.pad_token_id
+    lengths = [len(e.ids) for e in examples]
     chunk = config.model.lm_head_chunk_size
     if params.packing:
         log.info(padding_report(examples, epoch_order(len(examples), 0, train.seed,
@@ -297,16 +299,10 @@ def train_sft(config: SFTConfig, resume: str | None = None) -> Path:
     with run.signals():
         while run.step < run.max_steps:
             t0 = time.perf_counter()
-            # This step's global batch is a fixed slice of the epoch order; this process takes
-            # its contiguous share, split into micro-batches.
-            epoch, offset = divmod(run.step, steps_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: epoch_order(len(examples), epoch, train.seed, data.shuffle)}
-            batch = orders[epoch][offset * train.batch_size:(offset + 1) * train.batch_size]
-            mine = [examples[j] for j in batch[run.rank * per_device:(run.rank + 1) * per_device]]
-            micro = [collate(mine[k:k + train.micro_batch_size], pad_id, run.device,
-                             params.packing)
-                     for k in range(0, per_device, train.micro_batch_size)]
+            pieces = step_pieces(len(examples), run.step, steps_per_epoch, train, data.shuffle,
+                                 run.rank, run.world, orders, lengths)
+            micro = [collate([examples[j] for j in piece], pad_id, run.device, params.packing)
+                     for piece in pieces]
             counts = run.reduce_sum(torch.stack([
                 sum(mb["weights"].sum() for mb in micro),
                 torch.tensor(float(sum(mb["tokens"] for mb in micro)), device=run.device)]))

@@ -32,10 +32,10 @@ from . import runtime
 from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
 from .data import (
     as_messages,
-    epoch_order,
     load_splits,
     prompt_value,
     split_conversation,
+    step_pieces,
     tokenize_segments,
 )
 from .errors import TrainerConfigError
@@ -423,19 +423,14 @@ def train_wpo(config: WPOConfig, resume: str | None = None) -> Path:
             ref_model = run.load_reference()
 
     alignment = params.weight_alignment if params.weighting else None
-    per_device = train.batch_size // run.world
+    lengths = [len(e.prompt) + max(len(e.chosen), len(e.rejected)) for e in examples]
     orders: dict[int, list[int]] = {}
     metrics: dict = {}
     with run.signals():
         while run.step < run.max_steps:
             t0 = time.perf_counter()
-            epoch, offset = divmod(run.step, steps_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: epoch_order(len(examples), epoch, train.seed, config.data.shuffle)}
-            batch = orders[epoch][offset * train.batch_size:(offset + 1) * train.batch_size]
-            mine = batch[run.rank * per_device:(run.rank + 1) * per_device]
-            pieces = [mine[k:k + train.micro_batch_size]
-                      for k in range(0, per_device, train.micro_batch_size)]
+            pieces = step_pieces(len(examples), run.step, steps_per_epoch, train,
+                                 config.data.shuffle, run.rank, run.world, orders, lengths)
             sums = torch.zeros(9, device=run.device)
             for k, indices in enumerate(pieces):
                 mb = collate([examples[j] for j in indices], pad_id, run.device)

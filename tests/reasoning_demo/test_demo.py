@@ -26,12 +26,13 @@ def quick_run(tmp_path_factory):
 def test_every_stage_produces_its_artefact(quick_run):
     out, output = quick_run
     for name in ("base", "sft", "grpo", "instruct", "instruct_plus_v", "instruct_minus_v",
-                 "merge", "wpo", "dpo"):
+                 "merge", "wpo", "dpo", "judge", "pairwise", "instruct_plus_v_pairwise"):
         assert (out / "models" / name / "config.json").is_file(), name
         assert list((out / "models" / name).glob("*.safetensors")), name
     assert (out / "vector" / "provenance.json").is_file()
     assert (out / "data" / "pairs.jsonl").stat().st_size > 0
-    for name in ("pretrain", "sft", "grpo", "instruct", "pairs", "wpo", "dpo", "merge"):
+    for name in ("pretrain", "sft", "grpo", "instruct", "pairs", "wpo", "dpo", "merge", "judge",
+                 "pairwise"):
         assert (out / "configs" / f"{name}.yaml").is_file(), name
     assert (out / "report.png").stat().st_size > 0
     for text in ("model", "word problems", "instruct+v", "grpo beats sft"):
@@ -48,6 +49,14 @@ def test_report_has_every_row(quick_run):
         assert (row["complete"] is None) == (row["task"] == "instruction")
     assert [g["goal"] for g in report["goals"]] == [g[0] for g in GOALS]
     assert report["vector"]["groups"]
+    # the judge's verdict on each donor, split by the worked solution it is compared with
+    judged = report["judged"]
+    assert judged["n_correct"] + judged["n_flawed"] == make_recipe(quick=True).n_test
+    assert judged["n_correct"] > 0 and judged["n_flawed"] > 0  # flawed_share 0.5
+    for name in ("sft", "grpo", "pairwise"):
+        for part in ("correct", "flawed"):
+            assert 0 <= judged[name][part]["win_rate"] <= 1
+    assert 0 <= judged["judge"]["eval/accuracy"] <= 1
 
 
 def test_vector_stages_match_an_in_memory_recomputation(quick_run):
@@ -61,6 +70,11 @@ def test_vector_stages_match_an_in_memory_recomputation(quick_run):
         torch.testing.assert_close(plus[k], inst[k] + v, rtol=0, atol=1e-6)
         torch.testing.assert_close(minus[k], inst[k] - v, rtol=0, atol=1e-6)
         torch.testing.assert_close(merged[k], plus[k], rtol=0, atol=1e-6)
+    pairwise = load_state(out / "models" / "pairwise")
+    plus_pairwise = load_state(out / "models" / "instruct_plus_v_pairwise")
+    for k in inst:
+        torch.testing.assert_close(plus_pairwise[k], inst[k] + (pairwise[k] - sft[k]), rtol=0,
+                                   atol=1e-6)
 
 
 def test_sweep_in_memory_matches_the_models_written_by_add(quick_run):

@@ -9,6 +9,8 @@ import pytest
 from trainers.config import load_config
 from trainers.errors import TrainerConfigError
 from trainers.grpo import GRPOConfig
+from trainers.judge import JudgeConfig
+from trainers.pairwise import PairwiseConfig
 from trainers.sampling import SamplePairsConfig, SampleRSOConfig, load_sample_config
 from trainers.sft import SFTConfig
 from trainers.wpo import WPOConfig
@@ -30,9 +32,13 @@ def test_every_shipped_config_loads(path):
         config = load_sample_config(cls, path)
         assert Path(config.output).is_absolute()
     else:
-        cls = {"grpo": GRPOConfig, "wpo": WPOConfig}.get(path.name.split("_")[0], SFTConfig)
+        cls = {"grpo": GRPOConfig, "wpo": WPOConfig, "judge": JudgeConfig,
+               "pairwise": PairwiseConfig}.get(path.name.split("_")[0], SFTConfig)
         config = load_config(cls, path)
         assert Path(config.train.output_dir).is_absolute()
+        if cls is PairwiseConfig:  # a section's own path field, relative to the config file
+            assert config.pairwise.judge == str((MANIFESTS / "../../demo_out/train/judge_tiny")
+                                                .resolve())
     data = Path(config.data.path)
     if data.is_relative_to(MANIFESTS):  # data that ships with the repo (others are made by runs)
         assert data.is_file()

@@ -6,7 +6,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from trainers.config import DataConfig, ModelConfig, TrainConfig
-from trainers.data import load_rows, render_generation_prompt, split_conversation
+from trainers.data import (
+    load_rows,
+    render_generation_prompt,
+    split_conversation,
+    step_pieces,
+)
 from trainers.errors import TrainerConfigError
 from trainers.sft import CRLFTConfig, SFTConfig, SFTParams, build_examples
 
@@ -128,3 +133,21 @@ def test_generation_prompt(tokenizer):
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n"
         "<|im_start|>assistant\n")
     assert render_generation_prompt(tokenizer, "Q", DataConfig(path="x", chat=False)) == "Q"
+
+
+def test_step_pieces_and_sorting_by_length():
+    train = TrainConfig(output_dir="o", batch_size=4, micro_batch_size=2)
+    # unshuffled: step 1 is rows 4..7; process 1 of 2 takes 6, 7 in one micro-batch of 2
+    assert step_pieces(12, 1, 3, train, False, rank=1, world=2, orders={}) == [[6, 7]]
+    assert step_pieces(12, 4, 3, train, False, rank=0, world=1, orders={}) == [[4, 5], [6, 7]]
+    # sorted: the same rows in the step (the same batch), cut longest first
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 0, 11, 10]
+    sort = TrainConfig(output_dir="o", batch_size=4, micro_batch_size=2, sort_by_length=True)
+    for step in range(3):
+        plain = step_pieces(12, step, 3, train, True, 0, 1, {}, lengths)
+        pieces = step_pieces(12, step, 3, sort, True, 0, 1, {}, lengths)
+        assert sorted(sum(pieces, [])) == sorted(sum(plain, []))
+        assert [lengths[i] for i in sum(pieces, [])] == sorted(
+            (lengths[i] for i in sum(plain, [])), reverse=True)
+    ascending = list(range(12))  # per process: rank 1 of 2 takes rows 6, 7 of step 1, longest first
+    assert step_pieces(12, 1, 3, sort, False, 1, 2, {}, ascending) == [[7, 6]]

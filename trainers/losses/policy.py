@@ -108,6 +108,15 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregat
     raise ValueError(f"aggregation must be grpo, bnpo, dr_grpo or dapo, got {aggregation!r}")
 
 
+def clipped_objective(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2,
+                      eps_high: float = 0.2) -> torch.Tensor:
+    """The PPO clipped surrogate (https://arxiv.org/abs/1707.06347 eq. 7), to be maximised:
+    min(c·A, clip(c, 1−ε_low, 1+ε_high)·A) per token, broadcasting `advantages` over `ratio`.
+    Where the clipped term is the smaller one, the gradient with respect to c is 0."""
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    return torch.min(ratio * advantages, clipped * advantages)
+
+
 def grpo_token_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -129,13 +138,13 @@ def grpo_token_loss(
     (asymmetric ε: DAPO "clip-higher"). With one update per generation round old_logp is
     logp.detach(): c = 1 and the gradient is −A·∇logp.
 
-    logp, old_logp, ref_logp, mask: [B, T]; advantages: [B] -> (loss scalar, metrics)
+    logp, old_logp, ref_logp, mask: [B, T]; advantages: [B] (one per sequence) or [B, T] (per
+    token, as GAE gives) -> (loss scalar, metrics)
     metrics (detached, means over masked tokens): kl, clip_low, clip_high, clip_region, tokens.
     """
-    adv = advantages.unsqueeze(1)  # [B, 1]
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # [B, 1] | [B, T]
     ratio = torch.exp(logp - old_logp)  # [B, T]
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)  # [B, T]
+    per_token = -clipped_objective(ratio, adv, eps_low, eps_high)  # [B, T]
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else None
     if beta != 0.0:
         if kl is None:
