@@ -1,10 +1,11 @@
 """GRPO: Group Relative Policy Optimization (DeepSeekMath, https://arxiv.org/abs/2402.03300).
 
-One round: take B/G prompts, sample G completions of each with `generate` (KV cache, left-padded
-prompts, stop at EOS, no grad), score them with the reward functions, turn the rewards into
-group-relative advantages (`losses.group_advantages`), then take `num_iterations` optimizer steps
-on that batch with the clipped-ratio loss plus β·KL_k3 to the frozen starting model
-(`losses.grpo_token_loss`). β = 0 loads no reference model.
+One round: take B/G prompts, sample G completions of each (`backend: hf`: the policy's `generate`
+with KV cache and left-padded prompts; `backend: vllm`: a colocated vLLM engine that gets the
+policy's weights at each new round, trainers/vllm_engine.py), score them with the reward
+functions, turn the rewards into group-relative advantages (`losses.group_advantages`), then
+take `num_iterations` optimizer steps on that batch with the clipped-ratio loss plus β·KL_k3 to
+the frozen starting model (`losses.grpo_token_loss`). β = 0 loads no reference model.
 
     mergekit-rl train grpo manifests/train/grpo_gsm8k_qwen2.5_1.5b.yaml
     torchrun --nproc_per_node 2 -m trainers train grpo CONFIG.yaml
@@ -15,14 +16,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 
-from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, VLLMConfig, require
 from .data import epoch_order, load_rows, prompt_value, render_generation_prompt
 from .errors import TrainerConfigError
 
@@ -46,7 +47,8 @@ class GRPOParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    generation_batch_size: int | None = None  # sequences per generate call; null: all at once
+    # sequences per generate call; null: all at once (vllm schedules its own batches)
+    generation_batch_size: int | None = None
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
     epsilon: float = 0.2  # ε_low
     epsilon_high: float | None = None  # null: = epsilon (DAPO: 0.28)
@@ -78,6 +80,8 @@ class GRPOConfig:
     train: TrainConfig  # train.batch_size counts completions: prompts per step x G
     grpo: GRPOParams
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    backend: Literal["hf", "vllm"] = "hf"  # what samples the completions
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # the engine of backend: vllm
 
     def __post_init__(self):
         g, b = self.grpo.num_generations, self.train.batch_size
@@ -120,10 +124,11 @@ def _field(name: str, reason: str):
 # Rollouts
 
 def pad_rollout(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                device) -> dict[str, torch.Tensor]:
+                device, logprobs: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
     """Left-pad prompts, right-pad completions: [pad.. prompt | completion ..pad].
 
-    -> input_ids, attention_mask, completion_mask: [b, P + C]
+    -> input_ids, attention_mask, completion_mask: [b, P + C]; with `logprobs` (one per
+    completion token) also engine_logps [b, P + C], laid out as `token_logprobs` returns.
     """
     width_p = max(len(p) for p in prompts)
     width_c = max(len(c) for c in completions)
@@ -135,8 +140,14 @@ def pad_rollout(prompts: list[list[int]], completions: list[list[int]], pad_id: 
         ids[row, width_p:width_p + len(c)] = torch.tensor(c)
         attention[row, width_p - len(p):width_p + len(c)] = 1
         completion[row, width_p:width_p + len(c)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": attention.to(device),
-            "completion_mask": completion.to(device)}
+    out = {"input_ids": ids.to(device), "attention_mask": attention.to(device),
+           "completion_mask": completion.to(device)}
+    if logprobs is not None:
+        values = torch.zeros(ids.shape, dtype=torch.float32)
+        for row, v in enumerate(logprobs):
+            values[row, width_p:width_p + len(v)] = torch.tensor(v, dtype=torch.float32)
+        out["engine_logps"] = values.to(device)
+    return out
 
 
 def score(reward_fns: list, specs: tuple[RewardSpec, ...], prompts: list, completions: list[str],
@@ -198,7 +209,7 @@ def load_prompts(config: GRPOConfig, tokenizer) -> Prompts:
 
 
 def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_fns: list,
-            stops: set[int]) -> tuple[list[dict], dict, float]:
+            stops: set[int], sampler) -> tuple[list[dict], dict, float]:
     """Sample this process's completions (each prompt index in `mine` once per completion),
     score them, and give group-relative advantages over the global batch.
 
@@ -206,13 +217,14 @@ def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_f
     """
     from accelerate.utils import gather
 
-    from .generation import sample
     from .losses.policy import group_advantages
 
     params, data, tokenizer = config.grpo, config.data, run.tokenizer
     t0 = time.perf_counter()
-    completions = sample(run.policy, [prompts.ids[j] for j in mine], params,
-                         tokenizer.pad_token_id, stops, run.device)
+    # the engine of backend vllm first loads the policy's weights if they changed since
+    samples = sampler.sample([prompts.ids[j] for j in mine], params, stops, policy=run.policy,
+                             step=run.step, logprobs=True)
+    completions = samples.tokens
     gen_seconds = time.perf_counter() - t0
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     keys = sorted({k for j in mine for k in prompts.rows[j]} - {data.prompt_field})
@@ -232,9 +244,13 @@ def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_f
                "completion_length/min": float(lengths.min()),
                "completion_length/max": float(lengths.max()),
                "terminated_fraction": float(ended.mean()), "gen_s": gen_seconds}
+    if sampler.name == "vllm":
+        metrics["sync_s"] = sampler.sync_s
     micro = config.train.micro_batch_size
+    engine = samples.logprobs
     pieces = [pad_rollout([prompts.ids[j] for j in mine[k:k + micro]], completions[k:k + micro],
-                          tokenizer.pad_token_id, run.device)
+                          tokenizer.pad_token_id, run.device,
+                          None if engine is None else engine[k:k + micro])
               for k in range(0, len(mine), micro)]
     for k, piece in enumerate(pieces):
         piece["advantages"] = advantages[k * micro:(k + 1) * micro]
@@ -246,7 +262,7 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
 
     `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
     """
-    from .generation import stop_token_ids
+    from .generation import check_backend, logprob_gap, make_sampler, stop_token_ids
     from .logprobs import token_logprobs
     from .losses.policy import grpo_token_loss
     from .rewards import resolve_reward
@@ -254,6 +270,7 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
 
     train, params = config.train, config.grpo
     group, mu = params.num_generations, params.num_iterations
+    check_backend(config)  # vLLM missing or unable to run the model: one line, nothing touched
     run = Run(config, "grpo", resume)
     local_prompts = config.split(run.world)
 
@@ -272,6 +289,10 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
                                  f"than the {len(prompts.rows)} rows")
     max_steps = train.max_steps or math.ceil(train.epochs * rounds_per_epoch) * mu
     ref = run.load_reference() if params.beta > 0 else None
+    # the engine starts before run.start(): vLLM seeds the process's RNGs, which the run's own
+    # seed (or a resumed run's saved RNG state) then overrides
+    sampler = make_sampler(config, run.tokenizer.pad_token_id,
+                           params.max_prompt_length + params.max_completion_length, train.seed)
     run.start(max_steps, lambda step: {"round": step // mu,
                                        "prompts_seen": step // mu * prompts_per_step})
     stops = stop_token_ids(run.tokenizer, run.policy)
@@ -284,7 +305,7 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
 
     metrics: dict = {}
     orders: dict[int, list[int]] = {}
-    with run.signals():
+    with run.signals(), closing(sampler):  # the engine's memory is freed before the final save
         while run.step < run.max_steps:
             # ---- generation round: this process's prompts, G completions each --------------
             t0 = time.perf_counter()
@@ -296,20 +317,22 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
             mine = [j for j in batch[run.rank * local_prompts:(run.rank + 1) * local_prompts]
                     for _ in range(group)]  # each prompt G times, consecutive
             pieces, round_metrics, num_tokens = rollout(run, config, prompts, mine, reward_fns,
-                                                        stops)
+                                                        stops, sampler)
             for piece in pieces:
                 # π_old is needed only when the batch is reused; otherwise logp.detach() is it.
                 piece["old"] = logps_of(run.model, piece, grad=False) if mu > 1 else None
                 piece["ref"] = logps_of(ref, piece, grad=False) if ref is not None else None
 
             # ---- μ optimizer steps on this batch ------------------------------------------
-            for _ in range(mu):
-                sums = torch.zeros(6, device=run.device)  # loss, kl, clip low/high/region, tokens
+            for iteration in range(mu):
+                # loss, kl, clip low/high/region, tokens, Σ|log π_old − log π_engine|
+                sums = torch.zeros(7, device=run.device)
                 for k, piece in enumerate(pieces):
                     with run.accumulate(last=k == len(pieces) - 1):
                         logp = logps_of(run.model, piece, grad=True)  # [b, T]
+                        old = piece["old"] if mu > 1 else logp.detach()
                         loss, m = grpo_token_loss(
-                            logp, piece["old"] if mu > 1 else logp.detach(), piece["ref"],
+                            logp, old, piece["ref"],
                             piece["advantages"], piece["completion_mask"],
                             eps_low=params.epsilon, eps_high=eps_high, beta=params.beta,
                             aggregation=params.loss_type,
@@ -322,10 +345,15 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
                             else 1.0
                         run.backward(loss * scale)
                     t = m["tokens"]
+                    gap = logprob_gap(old, piece["engine_logps"], piece["completion_mask"]) \
+                        if iteration == 0 and "engine_logps" in piece else t * 0
                     sums += torch.stack([loss.detach() * scale, m["kl"] * t, m["clip_low"] * t,
-                                         m["clip_high"] * t, m["clip_region"] * t, t])
+                                         m["clip_high"] * t, m["clip_region"] * t, t, gap])
                 sums = run.reduce_sum(sums).tolist()
                 loss_value, tokens = sums[0], max(sums[5], 1.0)
+                if iteration == 0 and "engine_logps" in pieces[0]:
+                    # the engine sampled from the weights of π_old: their distance, per token
+                    round_metrics["sampling/logp_abs_diff"] = sums[6] / tokens
                 grad_norm, lr = run.update(loss_value)
                 seconds = time.perf_counter() - t0
                 metrics = {"loss": loss_value, **round_metrics, "kl": sums[1] / tokens,
