@@ -169,13 +169,14 @@ class HFSampler:
         pass
 
 
-def check_backend(config) -> None:
-    """Refuse a `backend: vllm` that cannot run (vLLM missing, model unsupported) before any
-    folder is touched or weights load. A config without `backend` samples with hf."""
+def check_backend(config, params, section: str) -> None:
+    """Refuse a `backend: vllm` that cannot run (vLLM missing, model unsupported, a knob in
+    `params` out of vLLM's range; `section` names them) before any folder is touched or weights
+    load. A config without `backend` samples with hf."""
     if getattr(config, "backend", "hf") == "vllm":
         from .vllm_engine import check_vllm
 
-        check_vllm(config.model, config.vllm)
+        check_vllm(config.model, config.vllm, params, section)
 
 
 class VLLMSampler:

@@ -270,7 +270,7 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
 
     train, params = config.train, config.grpo
     group, mu = params.num_generations, params.num_iterations
-    check_backend(config)  # vLLM missing or unable to run the model: one line, nothing touched
+    check_backend(config, params, "grpo")  # vLLM missing or unable to run the model: one line
     run = Run(config, "grpo", resume)
     local_prompts = config.split(run.world)
 

@@ -343,7 +343,7 @@ def _generate_and_score(config, select) -> Path:
     data, gen = config.data, config.generation
     out = Path(config.output)
     _check_output(out, config.overwrite)
-    check_backend(config)
+    check_backend(config, gen, "generation")
     hybrid = getattr(config, "pairs", None) is not None and config.pairs.mode == "hybrid"
     extra = config.pairs.off_policy_fields if hybrid else ()
     rows = load_rows(data, (() if data.prompt_template else (data.prompt_field,)) + extra)

@@ -2,26 +2,28 @@
 https://docs.vllm.ai), with the policy's weights loaded into it in place; `generation.VLLMSampler`
 samples through it as `generation.HFSampler` does through `generate`.
 
-What it keeps the same as the `hf` backend: the prompts are token ids
-(no re-tokenising of text, the engine has no tokenizer of its own), the completions come back as
-token ids cut after the first stop token of `generation.stop_token_ids` (the engine gets that set
-as its only stop tokens: no eos of its own, no generation_config defaults), and temperature,
-top-p, top-k and the completion length are the config's. The trainer still recomputes every
-log-probability it trains on with the policy; the engine's log-prob of each sampled token
-(after temperature and top-k/top-p, vLLM's "processed_logprobs") comes back as a diagnostic.
+What stays as in the `hf` backend: prompts go in as token ids (the engine has no tokenizer, so
+nothing is re-tokenised); completions come back as token ids, cut after the first stop token of
+`generation.stop_token_ids`, which is the engine's only stop rule (it ignores the config's eos
+and the model's generation_config defaults); temperature, top-p, top-k and the completion length
+are the config's. The trainer still recomputes every log-probability it trains on with the
+policy; the engine's log-prob of each sampled token (after temperature and top-k/top-p, vLLM's
+"processed_logprobs") comes back as a diagnostic.
 
-Weight sync (`Engine.sync`): vLLM's in-place `reload_weights` (layer by layer, re-running
-the engine's own post-load processing of each layer) reads the policy's parameters under their
-checkpoint names (`policy_weights`): tied matrices under each name, and for a peft LoRA policy
-W + ΔW of each adapted layer computed aside, so the policy itself is never modified. Nothing is
-written to disk.
+Weight sync (`Engine.sync`): vLLM's in-place `reload_weights` (layer by layer, re-running the
+engine's own post-load processing of each layer; a plain `load_weights` fails once the CPU build
+has repacked them) reads the policy's parameters under their checkpoint names
+(`policy_weights`): a tied matrix under each of its names (the layer-wise reload leaves a tied
+head stale otherwise), and for a peft LoRA policy W + ΔW of each adapted layer, computed aside
+so that the policy itself is never modified. Nothing is written to disk.
 
 Several processes (torchrun / accelerate launch): every rank runs its own engine and samples its
 own prompts (TRL's "colocate" mode). Under data parallelism each rank holds the whole policy,
-so a sync is a local copy with no communication, and no rank waits for another to generate.
-With `tensor_parallel_size` k > 1, each group of k consecutive ranks shares one engine
-(vLLM's external launcher): the group gathers its prompts, every member generates the same
-batch with the same seed, and each keeps its own slice.
+so a sync is a local copy with no communication, and no rank waits for another to generate;
+one engine serving all ranks would need the weights and prompts shipped to it and back. With
+`tensor_parallel_size` k > 1, each group of k consecutive ranks shares one engine (vLLM's
+external launcher): the group gathers its prompts, every member generates the same batch with
+the same seed, and each keeps its own slice.
 """
 
 from __future__ import annotations
@@ -61,13 +63,21 @@ def _world() -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # Before anything loads
 
-def check_vllm(model: ModelConfig, options: VLLMConfig) -> None:
+MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuse more
+
+
+def check_vllm(model: ModelConfig, options: VLLMConfig, params=None, section: str = "") -> None:
     """Everything `backend: vllm` needs, checked from config.json alone: vLLM is installed, it
     implements the architecture, its attention runs this head size, the processes split into
-    tensor-parallel groups."""
+    tensor-parallel groups; and the sampling knobs `params` (of config section `section`) are
+    in its range."""
     from transformers import AutoConfig
 
     vllm = _vllm()
+    if params is not None and params.temperature > MAX_TEMPERATURE:
+        raise TrainerConfigError(f"{section}.temperature: {params.temperature} is above "
+                                 f"{MAX_TEMPERATURE:g}, the most vLLM samples at; lower it or "
+                                 "set backend: hf")
     config = AutoConfig.from_pretrained(model.path, revision=model.revision)
     archs = list(getattr(config, "architectures", None) or [])
     supported = vllm.ModelRegistry.get_supported_archs()
@@ -214,9 +224,12 @@ class Engine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        # ignore_eos: the model config's eos would stop the engine even without a tokenizer;
+        # `stops` (which holds it when it is a stop token of ours) is the only rule
         knobs = SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=top_k or -1,
                                max_tokens=max_tokens, stop_token_ids=sorted(stops),
-                               logprobs=0 if logprobs else None, detokenize=False)
+                               ignore_eos=True, logprobs=0 if logprobs else None,
+                               detokenize=False)
         if self.group is None:
             batch, mine = prompts, slice(None)
         else:  # the TP group generates its members' prompts together; each keeps its own

@@ -131,7 +131,7 @@ def assert_same_where_clear(model, prompts, expected, got, stops) -> None:
     compared = total = 0
     for prompt, e, g in zip(prompts, expected, got):
         # margins of each emitted token and of the stop decision after the last one
-        m = margins(model, prompt, e + ([min(stops)] if len(e) < MAX_NEW else []))
+        m = margins(model, prompt, e + ([min(stops)] if stops and len(e) < MAX_NEW else []))
         clear = next((i for i, v in enumerate(m) if v < MARGIN), len(m))
         assert g[:clear] == e[:clear], (prompt, e, g, m)
         if clear == len(m):
@@ -150,6 +150,11 @@ def test_greedy_matches_hf(engine, sft_model, prompts):
     got = engine.greedy(prompts, MAX_NEW, stops)
     assert_same_where_clear(model, prompts, expected, got, stops)
     assert any(len(e) < MAX_NEW for e in expected)  # some stop before the limit
+    # no stop tokens: both run to the limit (the engine must not stop at the config's eos)
+    expected = generation.HFSampler(0).greedy(prompts, MAX_NEW, set(), policy=model)
+    got = engine.greedy(prompts, MAX_NEW, set())
+    assert all(len(g) == MAX_NEW for g in got)
+    assert_same_where_clear(model, prompts, expected, got, set())
 
 
 def test_sampling_keeps_the_stops_length_and_knobs_of_the_hf_path(engine, sft_model, prompts):
@@ -159,14 +164,20 @@ def test_sampling_keeps_the_stops_length_and_knobs_of_the_hf_path(engine, sft_mo
     reset(engine, model)
     greedy = engine.greedy(prompts, 6, set())
     common = max(range(3, 300), key=lambda t: sum(g.count(t) for g in greedy))
-    stops = generation.stop_token_ids(load_tokenizer(sft_model), model) | {common}
+    eos = load_tokenizer(sft_model).eos_token_id
+    stops = {common}
     params = GRPOParams(rewards=("format",), max_completion_length=10, temperature=0.7)
     repeated = [p for p in prompts for _ in range(4)]
     out = engine.sample(repeated, params, stops, logprobs=True)
     ended = [bool(c) and c[-1] in stops for c in out.tokens]
-    for c in out.tokens:
+    for c, e in zip(out.tokens, ended):
         assert len(c) <= 10 and not set(c[:-1]) & stops  # nothing after the first stop
-    assert any(ended) and any(len(c) == 10 and not e for c, e in zip(out.tokens, ended))
+        assert e or len(c) == 10  # a completion ends at a stop token or at the length limit
+    assert any(ended) and not all(ended)
+    # no stops and a flat distribution: the engine samples on past the config's eos
+    hot = GRPOParams(rewards=("format",), max_completion_length=16, temperature=2.0)
+    wild = engine.sample(repeated * 2, hot, set()).tokens
+    assert all(len(c) == 16 for c in wild) and any(eos in c for c in wild)
     assert [len(v) for v in out.logprobs] == [len(c) for c in out.tokens]
     # the engine sampled from the policy's distribution at this temperature
     batch = pad_rollout(repeated, out.tokens, 0, "cpu", out.logprobs)
@@ -177,6 +188,7 @@ def test_sampling_keeps_the_stops_length_and_knobs_of_the_hf_path(engine, sft_mo
     gap = generation.logprob_gap(policy, batch["engine_logps"], mask) / mask.sum()
     assert gap < 1e-3, gap
     # top-k 1 and a tiny top-p leave one candidate: the greedy tokens
+    stops = generation.stop_token_ids(load_tokenizer(sft_model), model)
     first = engine.greedy(prompts, 10, stops)
     for knobs in ({"top_k": 1}, {"top_p": 1e-6}):
         narrow = GRPOParams(rewards=("format",), max_completion_length=10, **knobs)
@@ -266,11 +278,12 @@ def test_the_samplers_run_on_vllm(kind, use_engine, sft_model, tmp_path):
     assert any(r["chosen_source"] == "policy" or r["rejected_source"] == "policy" for r in rows)
 
 
-def _refused(model: Path, tmp_path: Path, *parts: str) -> None:
+def _refused(model: Path, tmp_path: Path, *parts: str, sets: tuple[str, ...] = ()) -> None:
     before, out = snapshot(model), tmp_path / "run"
     result = CliRunner().invoke(train, [
         "grpo", str(MANIFESTS / "grpo_tiny.yaml"), "--set", f"model.path={model}",
-        "--set", f"train.output_dir={out}", "--set", "backend=vllm"])
+        "--set", f"train.output_dir={out}", "--set", "backend=vllm",
+        *(x for s in sets for x in ("--set", s))])
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert all(p in result.output for p in parts), result.output
     assert not out.exists() and snapshot(model) == before
@@ -285,3 +298,5 @@ def test_models_vllm_cannot_run_are_refused_in_one_line(tiny_model, sft_model, t
     (odd / "config.json").write_text(json.dumps({**config,
                                                  "architectures": ["NotAModelForCausalLM"]}))
     _refused(odd, tmp_path, "has no implementation of NotAModelForCausalLM", "model_impl")
+    _refused(sft_model, tmp_path, "grpo.temperature: 2.5 is above 2, the most vLLM samples at",
+             sets=("grpo.temperature=2.5",))
