@@ -249,9 +249,14 @@ class Engine:
         return out
 
     def close(self) -> None:
-        """Shut the engine down and free its memory."""
+        """Shut the engine down and free its memory (one process). Under torchrun the engine
+        stays until the process exits: vLLM's shutdown destroys torch's default process group,
+        which the run still needs for its final save."""
         llm, self.llm = self.llm, None
         if llm is None:
+            return
+        if _world()[0] > 1:
+            self._until_exit = llm
             return
         llm.llm_engine.engine_core.shutdown()
         del llm

@@ -11,7 +11,10 @@ of the config's model, as a fresh engine would be.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -300,3 +303,22 @@ def test_models_vllm_cannot_run_are_refused_in_one_line(tiny_model, sft_model, t
     _refused(odd, tmp_path, "has no implementation of NotAModelForCausalLM", "model_impl")
     _refused(sft_model, tmp_path, "grpo.temperature: 2.5 is above 2, the most vLLM samples at",
              sets=("grpo.temperature=2.5",))
+
+
+def test_two_processes_each_run_their_own_engine(sft_model, tmp_path):
+    """torchrun, 2 ranks: each starts an engine on vLLM's external launcher, samples its own
+    prompts from its own synced copy, and the run ends with its final save (vLLM's shutdown
+    would destroy the process group that save needs)."""
+    out = tmp_path / "two"
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
+               "2", "-m", "trainers", "train", "grpo", str(MANIFESTS / "grpo_tiny.yaml"), "-q"]
+    for item in (f"model.path={sft_model}", f"train.output_dir={out}", "backend=vllm",
+                 "vllm.enforce_eager=true", f"vllm.kv_cache_memory_bytes={64 * 2**20}",
+                 "train.max_steps=2", "train.save_steps=null", "optim.lr=3e-2"):
+        command += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and (out / "model.safetensors").is_file()
+    assert all(r["sampling/logp_abs_diff"] < 1e-3 for r in rows), rows
