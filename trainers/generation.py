@@ -11,6 +11,16 @@ A config with `backend: hf | vllm` and a `vllm:` section (GRPO, the samplers) sa
 `make_sampler`: `HFSampler` is `sample` / `greedy` below on the policy itself, `VLLMSampler`
 (trainers/vllm_engine.py) a colocated vLLM engine that gets the policy's weights when its
 version (`step`) changes. Both take and return token ids and apply the same knobs and stops.
+A trainer that samples (its config has `backend` and `vllm` fields, its knobs a section with
+temperature, top_p, top_k, max_completion_length):
+
+    check_backend(config, config.grpo, "grpo")   # before scaffold.Run touches the output folder
+    sampler = make_sampler(config, tokenizer.pad_token_id, max_prompt + max_completion, seed)
+    run.start(...)                                # after the engine (vLLM seeds the RNGs)
+    with run.signals(), contextlib.closing(sampler):
+        ...
+        samples = sampler.sample(prompt_ids, config.grpo, stops, policy=run.policy,
+                                 step=run.step, logprobs=True)  # .tokens, .logprobs (or None)
 """
 
 from __future__ import annotations

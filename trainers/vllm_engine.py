@@ -73,7 +73,10 @@ def check_vllm(model: ModelConfig, options: VLLMConfig, params=None, section: st
     in its range."""
     from transformers import AutoConfig
 
+    from .scaffold import check_model_path
+
     vllm = _vllm()
+    check_model_path(model.path, "model.path")
     if params is not None and params.temperature > MAX_TEMPERATURE:
         raise TrainerConfigError(f"{section}.temperature: {params.temperature} is above "
                                  f"{MAX_TEMPERATURE:g}, the most vLLM samples at; lower it or "
