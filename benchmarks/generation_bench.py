@@ -4,7 +4,7 @@ model and config, alternating in one invocation.
 The model is a seeded random Qwen2 with head_dim 64 (vLLM's CPU attention takes 32, 64, 80, ...;
 the demo's head_dim 24 is refused), built once under benchmarks/_cache/generation/. Two sizes:
 `tiny` (hidden 64, 1 head, 2 layers: 0.1 M parameters) and `small` (hidden 512, 8 heads,
-8 layers, intermediate 2048: 25 M parameters with the 300-token vocabulary).
+8 layers, intermediate 2048: 31.6 M parameters with the 300-token vocabulary).
 
 - `generate`: 16 prompts x G = 8 completions of exactly --tokens tokens (random weights rarely
   stop; the stop set is empty so every completion has the same length), through
