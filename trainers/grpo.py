@@ -1,10 +1,11 @@
 """GRPO: Group Relative Policy Optimization (DeepSeekMath, https://arxiv.org/abs/2402.03300).
 
-One round: take B/G prompts, sample G completions of each with `generate` (KV cache, left-padded
-prompts, stop at EOS, no grad), score them with the reward functions, turn the rewards into
-group-relative advantages (`losses.group_advantages`), then take `num_iterations` optimizer steps
-on that batch with the clipped-ratio loss plus β·KL_k3 to the frozen starting model
-(`losses.grpo_token_loss`). β = 0 loads no reference model.
+One round: take B/G prompts, sample G completions of each (`backend: hf`: the policy's `generate`
+with KV cache and left-padded prompts; `backend: vllm`: a colocated vLLM engine that gets the
+policy's weights at each new round, trainers/vllm_engine.py), score them with the reward
+functions, turn the rewards into group-relative advantages (`losses.group_advantages`), then
+take `num_iterations` optimizer steps on that batch with the clipped-ratio loss plus β·KL_k3 to
+the frozen starting model (`losses.grpo_token_loss`). β = 0 loads no reference model.
 
     mergekit-rl train grpo manifests/train/grpo_gsm8k_qwen2.5_1.5b.yaml
     torchrun --nproc_per_node 2 -m trainers train grpo CONFIG.yaml
@@ -17,14 +18,14 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 
-from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, VLLMConfig, require
 from .data import epoch_order, load_splits, prompt_value, render_generation_prompt
 from .errors import TrainerConfigError
 
@@ -48,7 +49,8 @@ class GRPOParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    generation_batch_size: int | None = None  # sequences per generate call; null: all at once
+    # sequences per generate call; null: all at once (vllm schedules its own batches)
+    generation_batch_size: int | None = None
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
     epsilon: float = 0.2  # ε_low
     epsilon_high: float | None = None  # null: = epsilon (DAPO: 0.28)
@@ -89,6 +91,8 @@ class GRPOConfig:
     train: TrainConfig  # train.batch_size counts completions: prompts per step x G
     grpo: GRPOParams
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    backend: Literal["hf", "vllm"] = "hf"  # what samples the completions
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # the engine of backend: vllm
 
     def __post_init__(self):
         check_group_batch(self.train, self.grpo.num_generations, "grpo")
@@ -146,10 +150,11 @@ def _field(name: str, reason: str):
 # Rollouts
 
 def pad_rollout(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                device) -> dict[str, torch.Tensor]:
+                device, logprobs: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
     """Left-pad prompts, right-pad completions: [pad.. prompt | completion ..pad].
 
-    -> input_ids, attention_mask, completion_mask: [b, P + C]
+    -> input_ids, attention_mask, completion_mask: [b, P + C]; with `logprobs` (one per
+    completion token) also engine_logps [b, P + C], laid out as `token_logprobs` returns.
     """
     width_p = max(len(p) for p in prompts)
     width_c = max(len(c) for c in completions)
@@ -161,8 +166,14 @@ def pad_rollout(prompts: list[list[int]], completions: list[list[int]], pad_id: 
         ids[row, width_p:width_p + len(c)] = torch.tensor(c)
         attention[row, width_p - len(p):width_p + len(c)] = 1
         completion[row, width_p:width_p + len(c)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": attention.to(device),
-            "completion_mask": completion.to(device), "start": max(width_p, 1)}
+    out = {"input_ids": ids.to(device), "attention_mask": attention.to(device),
+           "completion_mask": completion.to(device), "start": max(width_p, 1)}
+    if logprobs is not None:
+        values = torch.zeros(ids.shape, dtype=torch.float32)
+        for row, v in enumerate(logprobs):
+            values[row, width_p:width_p + len(v)] = torch.tensor(v, dtype=torch.float32)
+        out["engine_logps"] = values.to(device)
+    return out
 
 
 def score(reward_fns: list, specs: tuple[RewardSpec, ...], prompts: list, completions: list[str],
@@ -291,19 +302,25 @@ def round_seeds(params, seed: int, round_index: int, mine: list[int], group: int
 
 
 def generate(run, params, prompts: Prompts, mine: list[int], stops: set[int],
-             seeds: list[int] | None = None) -> tuple[list[list[int]], list[str], float]:
+             seeds: list[int] | None = None, sampler=None
+             ) -> tuple[list[list[int]], list[str], float, list[list[float]] | None]:
     """One sampled completion per entry of `mine` (token ids cut after the stop token), their
-    texts, and the seconds generation took. `params` has the sampling fields of GRPOParams;
-    `seeds`: one generator seed per completion (`round_seeds`)."""
-    from .generation import sample
+    texts, the seconds generation took, and the engine's log-probs of the sampled tokens (None
+    with hf). `params` has the sampling fields of GRPOParams; `seeds`: one generator seed per
+    completion (`round_seeds`); `sampler`: `generation.make_sampler`'s (None: hf)."""
+    from .generation import HFSampler
 
+    sampler = sampler or HFSampler(run.tokenizer.pad_token_id)
     t0 = time.perf_counter()
-    with run.generation() as policy:
-        completions = sample(policy, [prompts.ids[j] for j in mine], params,
-                             run.tokenizer.pad_token_id, stops, run.device, seeds=seeds,
-                             synced_gpus=run.synced)
+    # hf samples from the policy with whole parameters; the vllm engine first loads the
+    # policy's weights if they changed since its last round
+    with run.generation() if sampler.name == "hf" else nullcontext(run.policy) as policy:
+        samples = sampler.sample([prompts.ids[j] for j in mine], params, stops, policy=policy,
+                                 step=run.step, logprobs=True, seeds=seeds,
+                                 synced_gpus=run.synced, device=run.device)
     seconds = time.perf_counter() - t0
-    return completions, run.tokenizer.batch_decode(completions, skip_special_tokens=True), seconds
+    texts = run.tokenizer.batch_decode(samples.tokens, skip_special_tokens=True)
+    return samples.tokens, texts, seconds, samples.logprobs
 
 
 def length_metrics(run, completions: list[list[int]], stops: set[int]) -> tuple[dict, float]:
@@ -321,11 +338,14 @@ def length_metrics(run, completions: list[list[int]], stops: set[int]) -> tuple[
 
 
 def rollout_pieces(run, prompts: Prompts, mine: list[int], completions: list[list[int]],
-                   micro: int, **per_completion: torch.Tensor) -> list[dict]:
-    """Micro-batches of this process's rollout (`pad_rollout`), each with its slice of every
-    per-completion tensor given (advantages, rewards, ...)."""
+                   micro: int, engine: list[list[float]] | None = None,
+                   **per_completion: torch.Tensor) -> list[dict]:
+    """Micro-batches of this process's rollout (`pad_rollout`, with the engine's log-probs
+    where there are some), each with its slice of every per-completion tensor given
+    (advantages, rewards, ...)."""
     pieces = [pad_rollout([prompts.ids[j] for j in mine[k:k + micro]], completions[k:k + micro],
-                          run.tokenizer.pad_token_id, run.device)
+                          run.tokenizer.pad_token_id, run.device,
+                          None if engine is None else engine[k:k + micro])
               for k in range(0, len(mine), micro)]
     for k, piece in enumerate(pieces):
         for name, values in per_completion.items():
@@ -334,7 +354,8 @@ def rollout_pieces(run, prompts: Prompts, mine: list[int], completions: list[lis
 
 
 def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_fns: list,
-            stops: set[int], seeds: list[int] | None) -> tuple[list[dict], dict, float]:
+            stops: set[int], seeds: list[int] | None, sampler=None
+            ) -> tuple[list[dict], dict, float]:
     """Sample this process's completions (each prompt index in `mine` once per completion),
     score them, and give group-relative advantages over the global batch.
 
@@ -345,7 +366,8 @@ def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_f
     from .losses.policy import group_advantages
 
     params, data = config.grpo, config.data
-    completions, texts, gen_seconds = generate(run, params, prompts, mine, stops, seeds)
+    completions, texts, gen_seconds, engine = generate(run, params, prompts, mine, stops, seeds,
+                                                       sampler)
     local = score(reward_fns, params.rewards, [prompts.values[j] for j in mine], texts,
                   columns_of(prompts, mine, data.prompt_field))
     rewards = gather(local.to(run.device)).cpu()  # [B, F], in process order
@@ -355,8 +377,10 @@ def rollout(run, config: GRPOConfig, prompts: Prompts, mine: list[int], reward_f
     lengths, num_tokens = length_metrics(run, completions, stops)
     metrics = {**reward_metrics(rewards, total, params.rewards, params.num_generations),
                **lengths, "gen_s": gen_seconds}
+    if sampler is not None and sampler.name == "vllm":
+        metrics["sync_s"] = sampler.sync_s
     pieces = rollout_pieces(run, prompts, mine, completions, config.train.micro_batch_size,
-                            advantages=advantages)
+                            engine, advantages=advantages)
     return pieces, metrics, num_tokens
 
 
@@ -375,9 +399,10 @@ def policy_loss(run, params, piece: dict, num_pieces: int, num_sequences: int,
                 num_tokens: torch.Tensor, chunk_size: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`piece_loss` under the policy, scaled so that the pieces of all processes add up to the
-    global batch's loss; and its metric sums [6]: loss, kl, clip low/high/region (token sums),
-    tokens. `params` has GRPOParams' loss fields; `piece["old"]` is π_old when a batch is
-    reused (μ > 1), else None (π_old = π_θ detached)."""
+    global batch's loss; and its metric sums [7]: loss, kl, clip low/high/region (token sums),
+    tokens, Σ|log π_old − log π_engine| (0 without engine log-probs). `params` has GRPOParams'
+    loss fields; `piece["old"]` is π_old when a batch is reused (μ > 1), else None (π_old = π_θ
+    detached)."""
     eps_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
     loss, m = piece_loss(run.model, piece, params, temperature=params.temperature,
                          eps_high=eps_high, num_sequences=num_sequences, num_tokens=num_tokens,
@@ -387,7 +412,7 @@ def policy_loss(run, params, piece: dict, num_pieces: int, num_sequences: int,
     scale = 1 / (num_pieces * run.world) if params.loss_type == "bnpo" else 1.0
     t = m["tokens"]
     sums = torch.stack([loss.detach() * scale, m["kl"] * t, m["clip_low"] * t,
-                        m["clip_high"] * t, m["clip_region"] * t, t])
+                        m["clip_high"] * t, m["clip_region"] * t, t, m.get("engine_gap", t * 0)])
     return loss * scale, sums
 
 
@@ -396,6 +421,14 @@ def policy_metrics(sums: list[float]) -> dict:
     tokens = max(sums[5], 1.0)
     return {"loss": sums[0], "kl": sums[1] / tokens, "clip_ratio/low": sums[2] / tokens,
             "clip_ratio/high": sums[3] / tokens, "clip_ratio/region": sums[4] / tokens}
+
+
+def engine_metrics(sums: list[float], pieces: list[dict]) -> dict:
+    """With a separate inference engine: the mean |log π_old − log π_engine| of the sampled
+    tokens (the engine sampled from π_old's weights; its drift makes the batch off-policy)."""
+    if pieces[0].get("engine_logps") is None:
+        return {}
+    return {"sampling/logp_abs_diff": sums[6] / max(sums[5], 1.0)}
 
 
 def optimise(run, params, pieces: list[dict], num_tokens: float, num_sequences: int,
@@ -414,7 +447,7 @@ def optimise(run, params, pieces: list[dict], num_tokens: float, num_sequences: 
     metrics: dict = {}
     total = torch.tensor(float(num_tokens), device=run.device)  # no host sync inside the step
     for _ in range(params.num_iterations):
-        sums = torch.zeros(6, device=run.device)
+        sums = torch.zeros(7, device=run.device)
         extra = None
         for k, piece in enumerate(pieces):
             last = k == len(pieces) - 1
@@ -432,7 +465,8 @@ def optimise(run, params, pieces: list[dict], num_tokens: float, num_sequences: 
         grad_norm, lr = run.update(sums[0])
         companion_metrics = companion.update(run.reduce_sum(extra).tolist()) if companion else {}
         seconds = time.perf_counter() - t0
-        metrics = {**policy_metrics(sums), **round_metrics, **companion_metrics, "lr": lr,
+        metrics = {**policy_metrics(sums), **engine_metrics(sums, pieces), **round_metrics,
+                   **companion_metrics, "lr": lr,
                    "grad_norm": grad_norm, "tokens_per_s": float(num_tokens) / seconds,
                    "step_s": seconds}
         if evaluate is not None:
@@ -447,6 +481,7 @@ def piece_loss(model, piece: dict, params: GRPOParams, *, temperature: float,
                chunk_size: int | None = None) -> tuple[torch.Tensor, dict]:
     """The clipped-ratio loss of one micro-batch of rollouts (global normalisers), tensor code
     only: no host syncs, nothing made on the CPU."""
+    from .generation import logprob_gap
     from .logprobs import token_logprobs
     from .losses.policy import grpo_token_loss
 
@@ -454,11 +489,14 @@ def piece_loss(model, piece: dict, params: GRPOParams, *, temperature: float,
                           piece["completion_mask"], temperature, start=piece["start"],
                           chunk_size=chunk_size)  # [b, T]
     old = piece["old"] if piece.get("old") is not None else logp.detach()
-    return grpo_token_loss(
+    loss, m = grpo_token_loss(
         logp, old, piece.get("ref"), piece["advantages"], piece["completion_mask"],
         eps_low=params.epsilon, eps_high=eps_high, beta=params.beta,
         aggregation=params.loss_type, max_completion_length=params.max_completion_length,
         num_sequences=num_sequences, num_tokens=num_tokens)
+    if piece.get("engine_logps") is not None:  # the engine sampled from π_old's weights
+        m["engine_gap"] = logprob_gap(old, piece["engine_logps"], piece["completion_mask"])
+    return loss, m
 
 
 def evaluate(run, config: GRPOConfig, prompts: Prompts, reward_fns: list, stops: set[int]
@@ -487,12 +525,13 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
 
     `resume`: None (fresh run), "latest" (newest checkpoint in output_dir) or a checkpoint path.
     """
-    from .generation import stop_token_ids
+    from .generation import HFSampler, check_backend, make_sampler, stop_token_ids
     from .rewards import resolve_reward
     from .scaffold import Run
 
     train, params = config.train, config.grpo
     group, mu = params.num_generations, params.num_iterations
+    check_backend(config, params, "grpo")  # vLLM missing or unable to run the model: one line
     run = Run(config, "grpo", resume)
     local_prompts = config.split(run.world)
 
@@ -513,6 +552,11 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
                                  f"than the {len(prompts.rows)} rows")
     max_steps = train.max_steps or math.ceil(train.epochs * rounds_per_epoch) * mu
     longest = max(len(p) for p in prompts.ids)
+    # the engine starts before run.start(): vLLM seeds the process's RNGs, which the run's own
+    # seed (or a resumed run's saved RNG state) then overrides; a dry run starts none
+    sampler = HFSampler(run.tokenizer.pad_token_id) if run.dry_run else \
+        make_sampler(config, run.tokenizer.pad_token_id,
+                     params.max_prompt_length + params.max_completion_length, train.seed)
     run.start(max_steps, lambda step: {"round": step // mu,
                                        "prompts_seen": step // mu * prompts_per_step},
               plan={"unit": "completions",
@@ -532,7 +576,7 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
 
     metrics: dict = {}
     orders: dict[int, list[int]] = {}
-    with run.signals():
+    with run.signals(), closing(sampler):  # the engine's memory is freed before the final save
         while run.step < run.max_steps:
             # ---- generation round: this process's prompts, G completions each --------------
             t0 = time.perf_counter()
@@ -541,7 +585,7 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
                                  orders)
             seeds = round_seeds(params, train.seed, round_index, mine, group)
             pieces, round_metrics, num_tokens = rollout(run, config, prompts, mine, reward_fns,
-                                                        stops, seeds)
+                                                        stops, seeds, sampler)
             for piece in pieces:
                 # π_old is needed only when the batch is reused; otherwise logp.detach() is it.
                 piece["old"] = completion_logps(run, run.model, piece, params.temperature,

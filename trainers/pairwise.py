@@ -25,6 +25,7 @@ the work it cites (SPEC §2); the paper's value function and any normalisation m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, VLLMConfig, require
 from .errors import TrainerConfigError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class PairwiseConfig:
     train: TrainConfig  # train.batch_size counts completions: prompts per step x G
     pairwise: PairwiseParams
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    backend: Literal["hf", "vllm"] = "hf"  # what samples the policy's completions (as GRPO)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # the engine of backend: vllm
 
     def __post_init__(self):
         from .grpo import check_group_batch, check_iterations
@@ -209,7 +212,7 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
     from transformers import AutoTokenizer
 
     from . import grpo
-    from .generation import stop_token_ids
+    from .generation import HFSampler, check_backend, make_sampler, stop_token_ids
     from .judging import Judge, check_judge_folder, check_tokenizer, question_text, stored_format
     from .losses.pairwise import anchor_advantages
     from .losses.policy import group_advantages
@@ -217,6 +220,7 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
 
     train, params = config.train, config.pairwise
     group, mu = params.num_generations, params.num_iterations
+    check_backend(config, params, "pairwise")  # vLLM missing or unable to run the model
     run = Run(config, "pairwise", resume)
     grpo.prompts_per_process(train, group, run.world, "pairwise")
 
@@ -242,6 +246,10 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
     # loaded before the RNG is seeded or restored, so a resumed run samples as the first did
     judge = Judge.load(params.judge, run.device, config.model.dtype, params.judge_batch_size,
                        fmt, "pairwise.judge")
+    # the engine starts before run.start() (vLLM seeds the RNGs the run then sets or restores)
+    sampler = HFSampler(run.tokenizer.pad_token_id) if run.dry_run else \
+        make_sampler(config, run.tokenizer.pad_token_id,
+                     params.max_prompt_length + params.max_completion_length, train.seed)
     run.start(max_steps, lambda step: {"round": step // mu,
                                        "prompts_seen": step // mu * prompts_per_step})
     stops = stop_token_ids(run.tokenizer, run.policy)
@@ -258,7 +266,7 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
     metrics: dict = {}
     orders: dict[int, list[int]] = {}
     micro, chunk = train.micro_batch_size, config.model.lm_head_chunk_size
-    with run.signals():
+    with run.signals(), contextlib.closing(sampler):
         while run.step < run.max_steps:
             # ---- generation round: this process's prompts, G samples each, judged ----------
             t0 = time.perf_counter()
@@ -266,8 +274,8 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
             mine = grpo.round_prompts(run, train, config.data, len(prompts.rows), group, round_,
                                       orders)
             seeds = grpo.round_seeds(params, train.seed, round_, mine, group)
-            completions, texts, gen_seconds = grpo.generate(run, params, prompts, mine, stops,
-                                                            seeds)
+            completions, texts, gen_seconds, engine = grpo.generate(run, params, prompts, mine,
+                                                                    stops, seeds, sampler)
             if params.anchor == "group":
                 members = group_anchor_members(mine, group, train.seed, round_)
                 against = [texts[k - k % group + members[k // group]] for k in range(len(mine))]
@@ -283,7 +291,9 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
             lengths, num_tokens = grpo.length_metrics(run, completions, stops)
             info = {**round_metrics(rewards, consistency, group), **lengths,
                     "gen_s": gen_seconds, "judge_s": judge_seconds}
-            pieces = grpo.rollout_pieces(run, prompts, mine, completions, micro,
+            if sampler.name == "vllm":
+                info["sync_s"] = sampler.sync_s
+            pieces = grpo.rollout_pieces(run, prompts, mine, completions, micro, engine,
                                          advantages=advantages[here], rewards=rewards[here])
             for piece in pieces:
                 piece["old"] = grpo.completion_logps(run, run.model, piece, params.temperature,

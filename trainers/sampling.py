@@ -1,8 +1,10 @@
 """Preference pairs from a policy: on-policy / hybrid pairs (WPO) and RSO rejection sampling.
 
-Both commands sample completions of each prompt from a local policy (`generation.sample`: KV-cache
-`generate`, explicit sampling knobs), score them with a reward, and write JSONL rows
-`{prompt, chosen, rejected, chosen_reward, rejected_reward, ...}` that `train wpo` reads.
+Both commands sample completions of each prompt from a local policy (`backend: hf`:
+`generation.sample`, KV-cache `generate` with explicit sampling knobs; `backend: vllm`: a vLLM
+engine with the same knobs and stop tokens, trainers/vllm_engine.py), score them with a
+reward, and write JSONL rows `{prompt, chosen, rejected, chosen_reward, rejected_reward, ...}`
+that `train wpo` reads.
 
 - `sample pairs` (WPO, https://arxiv.org/abs/2406.11827): K samples per prompt; in the
   "hybrid" mode the row's existing (off-policy) answers join the candidates. chosen = the
@@ -21,6 +23,7 @@ anchor) against the row's reference (`reward.anchor_field`) or the policy's gree
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import DataConfig, ModelConfig, load_config, require
+from .config import DataConfig, ModelConfig, VLLMConfig, load_config, require
 from .errors import TrainerConfigError
 
 log = logging.getLogger(__name__)
@@ -158,7 +161,7 @@ class GenerationParams:
     temperature: float = 1.0  # RSO paper: 0.7
     top_p: float = 1.0
     top_k: int = 0  # 0: off (RSO paper: 40)
-    generation_batch_size: int | None = None  # sequences per generate call; null: 64
+    generation_batch_size: int | None = None  # sequences per generate (or engine) call; null: 64
 
     def __post_init__(self):
         require(self.num_samples >= 1, "num_samples", "expected >= 1")
@@ -203,6 +206,8 @@ class SamplePairsConfig:
     pairs: PairsParams = field(default_factory=PairsParams)
     seed: int = 0
     overwrite: bool = False
+    backend: Literal["hf", "vllm"] = "hf"  # what samples the candidates
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # the engine of backend: vllm
 
     def __post_init__(self):
         require(self.pairs.mode == "hybrid" or self.generation.num_samples >= 2,
@@ -219,6 +224,8 @@ class SampleRSOConfig:
     rso: RSOParams = field(default_factory=RSOParams)
     seed: int = 0
     overwrite: bool = False
+    backend: Literal["hf", "vllm"] = "hf"  # what samples the candidates
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # the engine of backend: vllm
 
     def __post_init__(self):
         require(self.rso.num_accepted <= self.generation.num_samples, "rso.num_accepted",
@@ -354,13 +361,14 @@ def _generate_and_score(config, select) -> Path:
         render_generation_prompt,
         require_field,
     )
-    from .generation import greedy, sample, stop_token_ids
+    from .generation import check_backend, make_sampler, saved_generation_config, stop_token_ids
     from .scaffold import check_model_path
 
     data, gen = config.data, config.generation
     out = Path(config.output)
     _check_output(out, config.overwrite)
     check_model_path(config.model.path, "model.path")
+    check_backend(config, gen, "generation")
     hybrid = getattr(config, "pairs", None) is not None and config.pairs.mode == "hybrid"
     extra = config.pairs.off_policy_fields if hybrid else ()
     rows = load_rows(data, (() if data.prompt_template else (data.prompt_field,)) + extra)
@@ -379,8 +387,14 @@ def _generate_and_score(config, select) -> Path:
                             add_special_tokens=False)["input_ids"][-gen.max_prompt_length:]
                   for p in prompts]
 
-    model = models.load_model(config.model, trainable=False).to(device)
-    eos_ids = stop_token_ids(tokenizer, model)
+    sampler = make_sampler(config, tokenizer.pad_token_id,
+                           gen.max_prompt_length + gen.max_completion_length, config.seed)
+    if sampler.name == "hf":
+        model = models.load_model(config.model, trainable=False).to(device)
+        eos_ids = stop_token_ids(tokenizer, model)
+    else:  # the engine holds the weights: no second copy, only the generation config
+        model = None
+        eos_ids = stop_token_ids(tokenizer, saved_generation_config(config.model))
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     chunk = gen.generation_batch_size or 64
@@ -390,12 +404,12 @@ def _generate_and_score(config, select) -> Path:
     t0 = time.perf_counter()
     tmp = out.with_suffix(".jsonl.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tmp.open("w", encoding="utf-8") as f:
+    with tmp.open("w", encoding="utf-8") as f, contextlib.closing(sampler):
         for start in range(0, len(rows), per_call):
             block = list(range(start, min(start + per_call, len(rows))))
             repeated = [j for j in block for _ in range(gen.num_samples)]
-            completions = sample(model, [prompt_ids[j] for j in repeated], params,
-                                 tokenizer.pad_token_id, eos_ids, device)
+            completions = sampler.sample([prompt_ids[j] for j in repeated], params, eos_ids,
+                                         policy=model).tokens
             texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
             candidates = {j: [Candidate(t, "policy") for t in
                               texts[n * gen.num_samples:(n + 1) * gen.num_samples]]
@@ -407,8 +421,8 @@ def _generate_and_score(config, select) -> Path:
             keys = sorted({k for j in block for k in rows[j]} - {data.prompt_field})
             columns = {k: [rows[j].get(k) for j in owners] for k in keys}
             if judged and config.reward.anchor == "greedy":  # RSO's baseline response
-                anchors = greedy(model, [prompt_ids[j] for j in block],
-                                 gen.max_completion_length, tokenizer.pad_token_id, eos_ids)
+                anchors = sampler.greedy([prompt_ids[j] for j in block],
+                                         gen.max_completion_length, eos_ids, policy=model)
                 texts_of = dict(zip(block, tokenizer.batch_decode(anchors,
                                                                   skip_special_tokens=True)))
                 columns[GREEDY_ANCHOR] = [texts_of[j] for j in owners]
