@@ -76,7 +76,7 @@ def generate(size: str, backend: str, tokens: int, calls: int) -> dict:
 
     import torch
 
-    from trainers import generation, runtime
+    from trainers import generation, models, runtime
     from trainers.config import load_config
     from trainers.grpo import GRPOConfig, load_prompts
 
@@ -90,7 +90,7 @@ def generate(size: str, backend: str, tokens: int, calls: int) -> dict:
     policy = None
     if backend == "hf":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        policy = runtime.load_model(config.model, trainable=False).to(device)
+        policy = models.load_model(config.model, trainable=False).to(device)
     start = time.perf_counter() - t0
     sampler.sample(prompts, params, set(), policy=policy)  # warm-up
     seconds, made = [], 0

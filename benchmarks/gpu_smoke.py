@@ -19,6 +19,7 @@ throughput.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ class Case:
     train: bool = False  # add TRAIN
     weights: bool = False  # a weight command: print its throughput
     sets: tuple[str, ...] = field(default=())  # extra --set items
+    needs: str | None = None  # a module the case needs ("vllm"); skipped without it
 
 
 TRAIN = ("train.max_steps=3", "train.save_steps=2", "train.mixed_precision=bf16",
@@ -70,6 +72,20 @@ CASES = [
          train=True, sets=("model.path={work}/sft", "pairwise.judge={work}/judge",
                            "train.output_dir={work}/pairwise", "pairwise.critic=true",
                            "pairwise.beta=0.04")),
+    # backend: vllm (when vllm is installed) on a model with head_dim 64, which every vLLM
+    # attention backend runs (the demo's tiny models have 24)
+    Case("train sft (head_dim 64)", ("train", "sft", "{manifests}/sft_tiny.yaml"), train=True,
+         needs="vllm", sets=("model.path={work}/base64", "train.output_dir={work}/sft64")),
+    Case("train grpo (vllm)", ("train", "grpo", "{manifests}/grpo_tiny.yaml"), train=True,
+         needs="vllm", sets=("model.path={work}/sft64", "train.output_dir={work}/grpo64",
+                             "backend=vllm", "grpo.beta=0.04", "grpo.max_completion_length=16")),
+    Case("sample pairs (vllm)", ("sample", "pairs", "{manifests}/sample_pairs_tiny.yaml"),
+         needs="vllm", sets=("model.path={work}/sft64", "output={work}/pairs64.jsonl",
+                             "backend=vllm", *SAMPLE)),
+    Case("train pairwise (vllm)", ("train", "pairwise", "{manifests}/pairwise_tiny.yaml"),
+         train=True, needs="vllm", sets=("model.path={work}/sft64", "backend=vllm",
+                                         "pairwise.judge={work}/judge",
+                                         "train.output_dir={work}/pairwise64")),
     Case("extract (trained donors)", ("extract", "{work}/grpo", "{work}/sft", "-o",
                                       "{work}/vector", "--device", "{device}", "--overwrite"),
          weights=True),
@@ -89,7 +105,8 @@ terms:
   - {{plus: {work}/big/grpo, minus: {work}/big/sft, weight: 1.0}}
 output: {{path: {work}/big/merged}}
 """
-SUMMARY = re.compile(r"wrote (\d+) tensors .*?, ([\d.e+-]+) GB in ([\d.]+)s on (\S+)")
+SUMMARY = re.compile(r"wrote (\d+) tensors .*?, ([\d.e+-]+) GB in ([\d.]+)s on ([\w:]+)")
+ENGINE = re.compile(r"GB through the engine at ([\d.]+) GB/s \(busy: ([^)]*)\)")
 
 
 def build(work: Path) -> None:
@@ -103,6 +120,8 @@ def build(work: Path) -> None:
     build_tokenizer(work / "tokenizer")
     build_model(work / "base", hidden_size=64, intermediate_size=128, num_layers=2, tied=True,
                 seed=0, tokenizer_dir=work / "tokenizer")
+    build_model(work / "base64", hidden_size=128, intermediate_size=256, num_layers=2,
+                num_heads=2, num_kv_heads=1, tied=True, seed=0, tokenizer_dir=work / "tokenizer")
     big = build_model(work / "big" / "base", hidden_size=1024, intermediate_size=2816,
                       num_layers=8, num_heads=8, num_kv_heads=4, dtype=torch.bfloat16, seed=0,
                       tokenizer_dir=work / "tokenizer")
@@ -115,6 +134,8 @@ def command(case: Case, work: Path, device: str) -> list[str]:
     fill = {"work": str(work), "manifests": str(MANIFESTS), "device": device}
     args = [a.format(**fill) for a in case.args]
     sets = (TRAIN if case.train else ()) + case.sets
+    if case.needs == "vllm" and device == "cpu":  # vLLM's CPU build: eager, a small KV cache
+        sets += ("vllm.enforce_eager=true", f"vllm.kv_cache_memory_bytes={64 * 2 ** 20}")
     for item in sets:
         args += ["--set", item.format(**fill)]
     return [sys.executable, "-m", "mergekit_rl.cli", *args]
@@ -150,6 +171,10 @@ def main() -> int:
     if not (work / "base" / "config.json").is_file():
         build(work)
     cases = [c for c in CASES if not a.only or c.name in a.only]
+    missing = {c.needs for c in cases if c.needs and importlib.util.find_spec(c.needs) is None}
+    for name in sorted(missing):
+        print(f"skip {name} cases: {name} is not installed here", flush=True)
+    cases = [c for c in cases if c.needs not in missing]
     unknown = set(a.only or ()) - {c.name for c in CASES}
     if unknown:
         print(f"gpu-smoke: unknown case {sorted(unknown)}; cases: "
@@ -172,6 +197,9 @@ def main() -> int:
             rate = float(gb) / max(float(busy), 1e-9)
             line += (f"   {tensors} tensors, {float(gb):.3g} GB written in {float(busy):.2f} s "
                      f"on {where}: {rate:.3g} GB/s")
+            engine = ENGINE.search(out)
+            if engine:  # read + write through the pipeline, and which stage was the bottleneck
+                line += f"; engine {engine.group(1)} GB/s (busy: {engine.group(2)})"
         print(line, flush=True)
         if rc != 0:
             failed.append(case.name)

@@ -58,7 +58,7 @@ class Critic:
     def __init__(self, run, config):
         from transformers import AutoModel
 
-        from . import runtime
+        from . import models, runtime
         from .config import OptimConfig
 
         params = config.pairwise
@@ -66,7 +66,7 @@ class Critic:
         model_cfg = config.model
         backbone = AutoModel.from_pretrained(model_cfg.path, revision=model_cfg.revision,
                                              dtype=getattr(torch, model_cfg.dtype))
-        runtime.disable_dropout(backbone)
+        models.disable_dropout(backbone)
         module = ValueModel(backbone, backbone.config.hidden_size).train()
         optim = OptimConfig(lr=params.critic_lr or config.optim.lr, betas=config.optim.betas,
                             eps=config.optim.eps, max_grad_norm=config.optim.max_grad_norm)

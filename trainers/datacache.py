@@ -56,7 +56,7 @@ def cached(kind: str, parts: dict, build: Callable[[], list], item_type, acceler
         if enabled and path.is_file():
             try:
                 items = [item_type(**d) for d in json.loads(path.read_text())]
-                log.info("tokenised %s data read from the cache %s", kind, path)
+                log.debug("tokenised %s data read from the cache %s", kind, path)
                 return items
             except (OSError, ValueError, TypeError) as e:  # a damaged file: rebuild it
                 log.warning("ignoring the unreadable cache file %s (%s)", path, e)

@@ -8,6 +8,7 @@ module with its adapters switched off, so no second copy of the model is ever ma
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +23,19 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 # ---------------------------------------------------------------------------------------------
 # Before any weights load
+
+def check_model_path(spec: str, field: str) -> None:
+    """A model must be there before anything loads: a missing local folder (even one shaped
+    like org/name, such as runs/sft) or an unreachable Hub repo is one line naming both, instead
+    of a late message about repo ids or minutes of retries."""
+    from mergekit_rl.errors import HubError
+    from mergekit_rl.hub import check_input
+
+    try:
+        check_input(spec)
+    except HubError as e:
+        raise TrainerConfigError(f"{field}: {e}") from None
+
 
 def require_peft() -> None:
     try:
@@ -213,6 +227,50 @@ def _zero3_inference(ref, accelerator):
 
 # ---------------------------------------------------------------------------------------------
 # Adapters out
+
+@torch.no_grad()
+def policy_weights(policy) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) of every weight the engine needs: each parameter, a tied matrix
+    under each of its names; for a peft LoRA model, each adapted layer's merged weight
+    W + ΔW (ΔW = peft's `get_delta_weight`: (alpha/r)·B·A), computed in float32 beside the
+    policy, whose own weights stay untouched (merging in place and unmerging would round the
+    frozen base weights at each sync, badly so in bfloat16)."""
+    if not is_peft(policy):
+        yield from policy.named_parameters(remove_duplicate=False)
+        return
+    from peft.tuners.lora import LoraLayer
+
+    base = policy.get_base_model()
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        if "modules_to_save" in name or "original_module" in name:
+            raise TrainerConfigError("model.lora: layers trained in full (modules_to_save) are "
+                                     "not synced into vLLM; leave them out or set backend: hf")
+        if ".lora_" in name:  # lora_A, lora_B, lora_embedding_A/B, lora_magnitude_vector
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith(".base_layer"):
+            owner = owner[:-len(".base_layer")]
+            if leaf == "weight" and owner in layers:
+                param = _merged(layers[owner], param, owner)
+            name = f"{owner}.{leaf}"
+        yield name, param
+
+
+def _merged(layer, weight: torch.Tensor, name: str) -> torch.Tensor:
+    if layer.merged or layer.disable_adapters:  # already in the weight, or switched off
+        return weight
+    merged = weight.float()
+    for adapter in layer.active_adapters:
+        if adapter not in layer.scaling:
+            continue
+        if layer.use_dora.get(adapter, False):
+            raise TrainerConfigError(f"model.lora: {name} uses DoRA, whose merged weight is not "
+                                     "synced into vLLM; use plain LoRA or set backend: hf")
+        merged = merged + layer.get_delta_weight(adapter).float()
+    return merged
+
+
 
 def merge_adapter_state(state: dict[str, torch.Tensor], peft_config) -> dict[str, torch.Tensor]:
     """Full weights from a PeftModel's state dict: W + (alpha/r)·B·A for each adapted linear

@@ -362,7 +362,7 @@ def _generate_and_score(config, select) -> Path:
         require_field,
     )
     from .generation import check_backend, make_sampler, saved_generation_config, stop_token_ids
-    from .scaffold import check_model_path
+    from .models import check_model_path
 
     data, gen = config.data, config.generation
     out = Path(config.output)

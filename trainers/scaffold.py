@@ -93,7 +93,7 @@ class Run:
         self.dry_run = _DRY_RUN.get()
         self.out = Path(self.train.output_dir)
         self.resume_dir = resolve_resume(self.out, resume)
-        check_model_path(config.model.path, "model.path")
+        models.check_model_path(config.model.path, "model.path")
         if self.train.eval_steps and not config.data.has_eval:
             raise TrainerConfigError("train.eval_steps: there are no held-out rows; set "
                                      "data.eval_size, data.eval_split or data.eval_path")
@@ -382,19 +382,6 @@ class Run:
         log.info("%s finished after %d steps; model written to %s", self.kind.upper(),
                  self.step, self.out)
         return self.out
-
-
-def check_model_path(spec: str, field: str) -> None:
-    """A model must be there before anything loads: a missing local folder (even one shaped
-    like org/name, such as runs/sft) or an unreachable Hub repo is one line naming both, instead
-    of a late message about repo ids or minutes of retries."""
-    from mergekit_rl.errors import HubError
-    from mergekit_rl.hub import check_input
-
-    try:
-        check_input(spec)
-    except HubError as e:
-        raise TrainerConfigError(f"{field}: {e}") from None
 
 
 def warn_config_changes(saved: Path, config) -> None:

@@ -32,12 +32,14 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Iterator
 
 import torch
 
 from .config import ModelConfig, VLLMConfig
 from .errors import TrainerConfigError
+
+# every weight under its checkpoint name, LoRA layers merged (peft's code lives in models.py)
+from .models import policy_weights
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def check_vllm(model: ModelConfig, options: VLLMConfig, params=None, section: st
     in its range."""
     from transformers import AutoConfig
 
-    from .scaffold import check_model_path
+    from .models import check_model_path
 
     vllm = _vllm()
     check_model_path(model.path, "model.path")
@@ -126,51 +128,6 @@ def _cpu_head_sizes() -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # The policy's weights under checkpoint names
 
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-@torch.no_grad()
-def policy_weights(policy) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, tensor) of every weight the engine needs: each parameter, a tied matrix
-    under each of its names; for a peft LoRA model, each adapted layer's merged weight
-    W + ΔW (ΔW = peft's `get_delta_weight`: (alpha/r)·B·A), computed in float32 beside the
-    policy, whose own weights stay untouched (merging in place and unmerging would round the
-    frozen base weights at each sync, badly so in bfloat16)."""
-    if not is_peft(policy):
-        yield from policy.named_parameters(remove_duplicate=False)
-        return
-    from peft.tuners.lora import LoraLayer
-
-    base = policy.get_base_model()
-    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    for name, param in base.named_parameters(remove_duplicate=False):
-        if "modules_to_save" in name or "original_module" in name:
-            raise TrainerConfigError("model.lora: layers trained in full (modules_to_save) are "
-                                     "not synced into vLLM; leave them out or set backend: hf")
-        if ".lora_" in name:  # lora_A, lora_B, lora_embedding_A/B, lora_magnitude_vector
-            continue
-        owner, _, leaf = name.rpartition(".")
-        if owner.endswith(".base_layer"):
-            owner = owner[:-len(".base_layer")]
-            if leaf == "weight" and owner in layers:
-                param = _merged(layers[owner], param, owner)
-            name = f"{owner}.{leaf}"
-        yield name, param
-
-
-def _merged(layer, weight: torch.Tensor, name: str) -> torch.Tensor:
-    if layer.merged or layer.disable_adapters:  # already in the weight, or switched off
-        return weight
-    merged = weight.float()
-    for adapter in layer.active_adapters:
-        if adapter not in layer.scaling:
-            continue
-        if layer.use_dora.get(adapter, False):
-            raise TrainerConfigError(f"model.lora: {name} uses DoRA, whose merged weight is not "
-                                     "synced into vLLM; use plain LoRA or set backend: hf")
-        merged = merged + layer.get_delta_weight(adapter).float()
-    return merged
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_sweep_in_memory_matches_the_models_written_by_add(quick_run):
     # no checkpoint written for any α: the models folder holds the pipeline's models only
     assert sorted(p.name for p in (out / "models").iterdir()) == sorted(
         ["init", "base", "sft", "grpo", "instruct", "instruct_plus_v", "instruct_minus_v",
-         "merge", "wpo", "dpo"])
+         "merge", "wpo", "dpo", "judge", "pairwise", "instruct_plus_v_pairwise"])
     ctx = Context(out, recipe, True)
     points = {p["alpha"]: p for p in sweep["points"]}
     for alpha, model in ((0.0, "instruct"), (1.0, "instruct_plus_v"), (-1.0, "instruct_minus_v")):

@@ -41,9 +41,11 @@ def test_backend_is_hf_unless_asked_and_the_vllm_section_parses(tiny_model, tmp_
 
 
 @pytest.mark.parametrize("override, message", [
-    ("backend=sglang", "backend: expected one of hf, vllm"),
-    ("vllm.gpu_memory_utilization=1.5", "vllm.gpu_memory_utilization: expected a fraction"),
-    ("vllm.engine_kwargs={seed: 3, max_num_seqs: 8}", "vllm.engine_kwargs: seed cannot be set"),
+    # a refused --set value is reported against the --set item
+    ("backend=sglang", "--set backend=sglang: expected one of hf, vllm"),
+    ("vllm.gpu_memory_utilization=1.5",
+     r"--set vllm.gpu_memory_utilization=1.5: expected a fraction"),
+    ("vllm.engine_kwargs={seed: 3, max_num_seqs: 8}", "seed cannot be set"),
     ("vllm.tensor_paralel_size=2", "did you mean 'tensor_parallel_size'"),
 ])
 def test_bad_vllm_fields_name_the_field(override, message):

@@ -77,11 +77,12 @@ def test_judge_labels_must_be_single_tokens(tiny_model, tmp_path, no_model_loads
     ("pairwise.judge={classifier}", "pairwise.judge: {classifier} is a "
      "Qwen2ForSequenceClassification, not a causal LM; a generative judge answers with a token"),
     ("pairwise.judge={empty}", "pairwise.judge: {empty} is not a model folder (no config.json)"),
-    ("pairwise.num_generations=1", "pairwise.num_generations: expected >= 2"),
-    ("train.batch_size=30", "train.batch_size: 30 completions per step is not a multiple of "
+    # a value the config check refuses is reported against the --set item that gave it
+    ("pairwise.num_generations=1", "--set: expected >= 2"),
+    ("train.batch_size=30", "--set: 30 completions per step is not a multiple of "
      "pairwise.num_generations 8 (each prompt's 8 completions must be in the same batch); set "
      "train.batch_size to 24 or 32"),
-    ("pairwise.critic=true", "pairwise.critic: a critic's GAE advantages replace the group "
+    ("pairwise.critic=true", "--set: a critic's GAE advantages replace the group "
      "normalisation; set pairwise.advantage: anchor"),
 ])
 def test_pairwise_bad_input(tiny_model, digit_judge, classifier, tmp_path, no_model_loads,
@@ -98,7 +99,11 @@ def test_pairwise_bad_input(tiny_model, digit_judge, classifier, tmp_path, no_mo
     fill = {"data": data, "classifier": classifier, "empty": empty}
     args += ["--set", override.format(**fill)]
     message = run_bad(train, args, [tiny_model, digit_judge, data.parent], out)
-    assert message.startswith(f"Error: {config}: {expected.format(**fill)}"), message
+    if expected.startswith("--set: "):
+        expected = f"--set {override}: {expected[len('--set: '):]}"
+    else:
+        expected = f"{config}: {expected.format(**fill)}"
+    assert message.startswith(f"Error: {expected}"), message
 
 
 def test_sample_pairs_with_a_judge_needs_the_anchor_field(tiny_model, digit_judge, tmp_path,

@@ -116,7 +116,9 @@ def prompts(sft_model, tokenizer_dir) -> list[list[int]]:
     from trainers.runtime import load_tokenizer
 
     config = grpo_config(sft_model, Path("unused"))
-    return load_prompts(config, load_tokenizer(config.model)).ids[:16]
+    train, _ = load_prompts(config.data, config.grpo.max_prompt_length,
+                            load_tokenizer(config.model), config.train.seed)
+    return train.ids[:16]
 
 
 def margins(model, prompt: list[int], completion: list[int]) -> list[float]:
@@ -257,6 +259,20 @@ def test_a_lora_policy_is_synced_as_its_merged_weights(engine, sft_model, prompt
     got = engine.greedy(prompts, MAX_NEW, stops, policy=policy, step=1)
     merged = policy.merge_and_unload()  # peft's merge, only to read margins from
     assert_same_where_clear(merged, prompts, expected, got, stops)
+
+
+def test_train_pairwise_samples_with_vllm(use_engine, sft_model, digit_judge, tmp_path):
+    from trainers.pairwise import PairwiseConfig, train_pairwise
+
+    out = train_pairwise(load_config(PairwiseConfig, MANIFESTS / "pairwise_tiny.yaml", [
+        f"model.path={sft_model}", f"pairwise.judge={digit_judge}", f"train.output_dir={tmp_path}",
+        "backend=vllm", "train.max_steps=2", "train.save_steps=null", "train.progress_bar=false",
+        "train.report_to=[none]", "pairwise.max_completion_length=8", "pairwise.beta=0.04"]))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    # the engine held each round's policy: its log-probs of the samples are the policy's
+    assert all(r["sampling/logp_abs_diff"] < 1e-3 for r in rows), rows
+    assert all(0 <= r["reward"] <= 1 and r["sync_s"] >= 0 for r in rows)
 
 
 @pytest.mark.parametrize("kind", ["pairs", "rso"])
