@@ -1,7 +1,8 @@
 """Stream a plan through read → compute → write, a block of rows at a time.
 
-Three stages overlap. A reader thread `pread`s each block's inputs straight into reused buffers
-(pinned on CUDA); compute workers combine them in fp32 and round once into reused output
+Three stages overlap. Each block's inputs are `pread` straight into reused buffers (pinned on
+CUDA), on the CPU by the compute worker that then computes the block (the bytes are still in
+cache), on CUDA and for whole-tensor methods by a reader thread; compute workers combine them in fp32 and round once into reused output
 buffers, checking finiteness while the block is still in cache; a writer thread puts each result
 at its final offset, so blocks may finish in any order. On the CPU there are `threads` compute
 workers, each on its own blocks; on CUDA one worker copies inputs to the device on a side stream
@@ -38,8 +39,10 @@ QUEUE_DEPTH = 2
 # (2 MiB L2 per core, 32 MiB L3); 1-2 MiB were no better, 512 KiB and below lost it to
 # per-block overhead.
 DEFAULT_BLOCK_BYTES = 4 * 2**20
-_POLL = 0.05
-WORKER_READS = True  # seconds between looks at the stop flag while waiting on a queue
+_POLL = 0.05  # seconds between looks at the stop flag while waiting on a queue
+# CPU block runs: each compute worker reads its own block's inputs (no reader thread), so the
+# block is computed while its bytes are still in cache; CUDA and whole-tensor runs keep a reader
+WORKER_READS = True
 
 ProgressFn = Callable[[int, int], None]  # (bytes written, tensors finished)
 
@@ -74,7 +77,8 @@ def available_cores() -> int:
 
 
 def default_threads() -> int:
-    """CPU compute workers: the cores left after the reader and the writer, at least one."""
+    """CPU compute workers: the cores less two (the writer thread's and one for the system and
+    the main thread), at least one."""
     return max(1, available_cores() - 2)
 
 

@@ -237,7 +237,9 @@ def test_grpo_learns_with_vllm_as_with_hf(grpo_runs):
         # digits from about 0.4 of the characters to nearly all (6 steps, hf: 0.39 -> 1.0)
         assert (sum(rewards[-2:]) - sum(rewards[:2])) / 2 > 0.2, (backend, rewards)
         losses = [row["loss"] for row in rows]
-        assert all(abs(v) < 0.2 for v in losses), (backend, losses)  # dapo: Σ A·|o| / Σ|o|
+        # dapo at ratio 1: −Σ A·|o| / Σ|o|, a token-weighted mean of group-normalised
+        # advantages: small, though not zero when lengths differ within a group
+        assert all(abs(v) < 1.0 for v in losses), (backend, losses)
     assert "sampling/logp_abs_diff" not in read_metrics(grpo_runs["hf"])[0]
 
 
