@@ -134,7 +134,7 @@ def command(case: Case, work: Path, device: str) -> list[str]:
     fill = {"work": str(work), "manifests": str(MANIFESTS), "device": device}
     args = [a.format(**fill) for a in case.args]
     sets = (TRAIN if case.train else ()) + case.sets
-    if case.needs == "vllm" and device == "cpu":  # vLLM's CPU build: eager, a small KV cache
+    if "backend=vllm" in case.sets and device == "cpu":  # vLLM's CPU build: eager, small KV cache
         sets += ("vllm.enforce_eager=true", f"vllm.kv_cache_memory_bytes={64 * 2 ** 20}")
     for item in sets:
         args += ["--set", item.format(**fill)]
@@ -194,17 +194,18 @@ def main() -> int:
         match = SUMMARY.search(out if isinstance(out, str) else "")
         if case.weights and match and rc == 0:
             tensors, gb, busy, where = match.groups()
-            rate = float(gb) / max(float(busy), 1e-9)
-            line += (f"   {tensors} tensors, {float(gb):.3g} GB written in {float(busy):.2f} s "
-                     f"on {where}: {rate:.3g} GB/s")
+            line += f"   {tensors} tensors, {float(gb):.3g} GB written in {float(busy):.2f} s"
+            line += f" on {where}" + (f": {float(gb) / float(busy):.3g} GB/s"
+                                      if float(busy) >= 0.05 else "")
             engine = ENGINE.search(out)
             if engine:  # read + write through the pipeline, and which stage was the bottleneck
                 line += f"; engine {engine.group(1)} GB/s (busy: {engine.group(2)})"
         print(line, flush=True)
         if rc != 0:
             failed.append(case.name)
-            tail = "\n".join((err if isinstance(err, str) else "").splitlines()[-25:])
-            print(f"  exit {rc}; last lines of stderr:\n{tail}", flush=True)
+            text = (out if isinstance(out, str) else "") + (err if isinstance(err, str) else "")
+            tail = "\n".join(text.splitlines()[-25:])
+            print(f"  exit {rc}; last lines of its output:\n{tail}", flush=True)
     total = time.perf_counter() - t_all
     print(f"gpu-smoke: {len(cases) - len(failed)} of {len(cases)} cases passed in {total:.0f} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
