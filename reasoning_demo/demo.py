@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from mergekit_rl.errors import ConfigError
 
 from . import report as report_mod
-from . import tasks
 from .recipe import make_recipe
-from .stages import PIPELINE, Context, Stages, test_examples
+from .runner import Job, run_jobs
+from .stages import DEPENDS, PIPELINE, Context, Stages, eval_file
 
 EVAL_FROM = {"base": "base", "sft": "sft", "grpo": "grpo", "instruct": "instruct",
              "instruct+v": "vector", "instruct-v": "vector", "merge": "vector", "wpo": "wpo",
@@ -59,9 +60,9 @@ def open_output(out: Path, fresh: bool) -> Path:
 
 
 def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tuple[str, ...] = (),
-             quiet: bool = False) -> Iterator[str]:
-    """Run (or resume) the experiment in `out`, yielding one line per finished stage and the
-    report table at the end."""
+             quiet: bool = False, workers: int = 1) -> Iterator[str]:
+    """Run (or resume) the experiment in `out` on `workers` processes (`runner`), yielding one
+    line per finished stage and the report table at the end."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -73,12 +74,16 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tup
     ctx = Context(out, recipe, quiet)
     stages = Stages(out, recipe)
     yield (f"mergekit-rl demo: recipe {recipe.fingerprint()}{' (quick)' if quick else ''} in "
-           f"{out}; torch threads {recipe.threads}")
-    for name, outputs, fn in PIPELINE:
-        yield stages.run(name, outputs, lambda fn=fn: fn(ctx))
-    results: dict[str, dict[str, dict]] = {}
-    yield from evaluate_rows(ctx, stages, results)
+           f"{out}; torch threads {recipe.threads}, {workers} worker process"
+           + ("es" if workers > 1 else ""))
+    t0 = time.perf_counter()
+    yield from run_jobs(stages, jobs(), ctx, workers)
+    results = {name: {} for name, _ in report_mod.ROWS}
+    for name, task in report_mod.ROWS:
+        results[name][task] = json.loads((out / eval_file(name, task)).read_text())
     report = report_mod.build_report(out, recipe, quick, results, stages.seconds)
+    report["wall_seconds"] = time.perf_counter() - t0
+    report["workers"] = workers
     (out / "report.json").write_text(json.dumps(report, indent=1))
     png = report_mod.plot_report(report, out / "report.png")
     yield from report_mod.format_report(report)
@@ -87,21 +92,12 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tup
                                                "'mergekit-rl[plot]')")
 
 
-def evaluate_rows(ctx: Context, stages: Stages, results: dict) -> Iterator[str]:
-    """Greedy exact match of every report row's model on its held-out task (one stage each)."""
-    from .evaluate import evaluate
-
-    tests = {t: test_examples(ctx, t) for t in tasks.TASKS}
-    for name, task in report_mod.ROWS:
-        model_dir = report_mod.MODEL_DIRS[name]
-        file = ctx.out / "eval" / f"{model_dir.split('/')[-1]}.{task}.json"
-
-        def fn(name=name, task=task, file=file, model_dir=model_dir) -> str:
-            result = evaluate(ctx.out / model_dir, tests[task], ctx.recipe.max_new_tokens)
-            file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps(result, indent=1))
-            return f"{100 * result['accuracy']:.1f}% of {result['n']}"
-
-        yield stages.run(f"eval {name} {task}", [str(file.relative_to(ctx.out))], fn,
-                         ((EVAL_FROM[name],), ("n_test", "max_new_tokens")))
-        results.setdefault(name, {})[task] = json.loads(file.read_text())
+def jobs() -> list[Job]:
+    """The pipeline's stages, then the greedy evaluation of every report row's model on its
+    held-out task (one job each, ready as soon as that model is)."""
+    out = [Job(name, tuple(outputs), DEPENDS[name], ("stage", name))
+           for name, outputs, _ in PIPELINE]
+    out += [Job(f"eval {name} {task}", (eval_file(name, task),),
+                ((EVAL_FROM[name],), ("n_test", "max_new_tokens")), ("eval", name, task))
+            for name, task in report_mod.ROWS]
+    return out

@@ -115,7 +115,9 @@ def format_report(report: dict) -> Iterator[str]:
         yield (f"{'met    ' if goal['met'] else 'NOT met'}  {goal['goal']}: "
                f"{goal['difference']:+.1f} points")
     yield (f"instruct+v vs instruct on instructions: {report['instruction_change']:+.1f} points; "
-           f"vector L2 {report['vector']['l2']:.3g}; total {report['total_seconds']:.0f}s")
+           f"vector L2 {report['vector']['l2']:.3g}; stages {report['total_seconds']:.0f}s"
+           + (f", this run {report['wall_seconds']:.0f}s on {report['workers']} worker(s)"
+              if "wall_seconds" in report else ""))
     verdict = report.get("judged")
     if verdict:
         yield (f"judge (held-out pairwise accuracy {100 * verdict['judge']['eval/accuracy']:.1f}%"

@@ -86,32 +86,58 @@ class Stages:
 
     def run(self, name: str, outputs: list[str], fn: Callable[[], str | None],
             depends: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> str:
+        """Run one stage here (or reuse it) and return its line."""
         deps, fields = depends or DEPENDS[name]
         fingerprint = self.fingerprint(name, deps, fields)
+        if self.reusable(name, outputs, fingerprint):
+            return self.reused_line(name)
+        self.prepare(name, outputs)
+        t0 = time.perf_counter()
+        summary, _ = self.outcome(name, lambda: (fn(), None))
+        seconds = time.perf_counter() - t0
+        self.record(name, fingerprint, seconds)
+        return self.done_line(name, summary, seconds)
+
+    def reusable(self, name: str, outputs: list[str], fingerprint: str) -> bool:
+        """Finished before with the same inputs, and its outputs are there."""
         record = self.done.get(name)
-        if (record and record["recipe"] == fingerprint
-                and all((self.out / p).exists() for p in outputs)):
+        if record and record["recipe"] == fingerprint and \
+                all((self.out / p).exists() for p in outputs):
             self.seconds[name] = record["seconds"]
-            return f"[{name}] reused ({record['seconds']:.0f}s when run)"
+            return True
+        return False
+
+    def reused_line(self, name: str) -> str:
+        return f"[{name}] reused ({self.done[name]['seconds']:.0f}s when run)"
+
+    def prepare(self, name: str, outputs: list[str]) -> None:
+        """Forget the stage's old record and remove what a killed run half-wrote."""
         self.done.pop(name, None)
         self._save()
-        for p in outputs:  # a half-written output of a killed run
+        for p in outputs:
             target = self.out / p
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-        t0 = time.perf_counter()
+
+    def outcome(self, name: str, get: Callable[[], tuple]):
+        """`get()`, with a bad --set value or a tool's refusal turned into one line naming the
+        stage; an interruption and a bug pass unchanged."""
         try:
-            summary = fn()
+            return get()
         except Interrupted:
             raise
-        except MergekitRLError as e:  # a bad --set value or a tool's refusal: one line
+        except MergekitRLError as e:
             raise ConfigError(f"demo stage {name} ({self.out}): {e}") from None
-        seconds = time.perf_counter() - t0
+
+    def record(self, name: str, fingerprint: str, seconds: float) -> None:
         self.seconds[name] = seconds
         self.done[name] = {"recipe": fingerprint, "seconds": seconds}
         self._save()
+
+    @staticmethod
+    def done_line(name: str, summary: str | None, seconds: float) -> str:
         return f"[{name}] {summary or 'done'} ({seconds:.0f}s)"
 
     def _save(self) -> None:
@@ -278,6 +304,26 @@ def make_vectors(ctx: Context) -> str:
     diff = max_difference(models / "merge", models / "instruct_plus_v")
     return (f"extract grpo sft -> vector; add / subtract (alpha {r.alpha:g}); merge "
             f"{path.relative_to(ctx.out)}: max |merge - add| = {diff:.2g}")
+
+
+def evaluate_row(ctx: Context, row: str, task: str) -> str:
+    """Greedy exact match of a report row's model on its held-out task, written to
+    OUT/eval/<model>.<task>.json (`eval_file`)."""
+    from .evaluate import evaluate
+    from .report import MODEL_DIRS
+
+    result = evaluate(ctx.out / MODEL_DIRS[row], test_examples(ctx, task),
+                      ctx.recipe.max_new_tokens)
+    file = ctx.out / eval_file(row, task)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(result, indent=1))
+    return f"{100 * result['accuracy']:.1f}% of {result['n']}"
+
+
+def eval_file(row: str, task: str) -> str:
+    from .report import MODEL_DIRS
+
+    return f"eval/{MODEL_DIRS[row].split('/')[-1]}.{task}.json"
 
 
 def test_examples(ctx: Context, task: str) -> list[tasks.Example]:
