@@ -115,7 +115,8 @@ def _names(a, b, base, selection: Selection, labels: tuple[str, str]) -> list[st
 
 
 def _blocks(names: list[str], inputs: dict, depth: int = 2) -> Iterator[tuple[str, dict]]:
-    """(name, {role: block}) for every block of rows, read ahead by a thread."""
+    """(name, {role: float32 block}) for every block of rows, read and widened ahead by a
+    thread."""
     q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
     first = next(iter(inputs.values()))
@@ -138,7 +139,10 @@ def _blocks(names: list[str], inputs: dict, depth: int = 2) -> Iterator[tuple[st
                 step = max(DEFAULT_BLOCK_BYTES // (4 * row), 1)
                 for r0 in range(0, rows, step):
                     span = (r0, min(r0 + step, rows)) if shape else None
-                    if not put((name, {r: c.read(name, span) for r, c in inputs.items()})):
+                    # widened here, so the reader's core does the conversion and the main
+                    # thread only the reductions (the two took as long as each other)
+                    if not put((name, {r: c.read(name, span).to(torch.float32)
+                                       for r, c in inputs.items()})):
                         return
             put(None)
         except BaseException as e:  # re-raised by the consumer
@@ -192,11 +196,11 @@ def compare(a_spec: str, b_spec: str, base_spec: str | None = None,
         names = _names(ckpts["a"], ckpts["b"], ckpts.get("base"), selection, (a_spec, b_spec))
         per: dict[str, Stats] = {}
         for name, x in _blocks(names, ckpts):
-            # Every block is a fresh buffer of ours: widen once, subtract in place.
-            a, b = x["a"].to(torch.float32), x["b"].to(torch.float32)
+            # Every block is a fresh float32 buffer of ours (widened by the reader): subtract
+            # in place.
+            a, b = x["a"], x["b"]
             if "base" in x:
-                base = x["base"].to(torch.float32)
-                a, b = a.sub_(base), b.sub_(base)
+                a, b = a.sub_(x["base"]), b.sub_(x["base"])
             s = per.get(name)
             if s is None:
                 s = per[name] = Stats(name, tensors=1)
