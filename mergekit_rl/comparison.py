@@ -131,6 +131,9 @@ def _blocks(names: list[str], inputs: dict, depth: int = 2) -> Iterator[tuple[st
         return False
 
     def reader() -> None:
+        # one intra-op thread here too, as in the engine's workers (a new thread would start
+        # with the process default, every core, against the main thread's reductions)
+        torch.set_num_threads(1)
         try:
             for name in names:
                 shape = first.tensors[name].shape
