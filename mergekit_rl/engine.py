@@ -2,12 +2,13 @@
 
 Three stages overlap. Each block's inputs are `pread` straight into reused buffers (pinned on
 CUDA), on the CPU by the compute worker that then computes the block (the bytes are still in
-cache), on CUDA and for whole-tensor methods by a reader thread; compute workers combine them in
-fp32 and round once into reused output buffers, checking finiteness while the block is still in cache; a writer thread puts each result
-at its final offset, so blocks may finish in any order. On the CPU there are `threads` compute
-workers, each on its own blocks; on CUDA one worker copies inputs to the device on a side stream
-while the previous block computes (`staging.py`). Bounded queues and buffer pools keep memory at
-a few blocks whatever the model size. A failure in any stage stops every stage: every wait
+cache), on CUDA and for whole-tensor methods by a reader thread. Compute workers combine them
+in fp32 and round once into reused output buffers, checking finiteness while the block is still
+in cache; a writer thread puts each result at its final offset, so blocks may finish in any
+order. On the CPU there are `threads` compute workers, each on its own blocks; on CUDA one
+worker copies inputs to the device on a side stream while the previous block computes
+(`staging.py`). Bounded queues and buffer pools keep memory at a few blocks whatever the model
+size. A failure in any stage stops every stage: every wait
 polls a shared stop flag, so nothing blocks on a stage that died.
 """
 
