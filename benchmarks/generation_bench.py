@@ -78,12 +78,15 @@ def generate(size: str, backend: str, tokens: int, calls: int) -> dict:
 
     from trainers import generation, models, runtime
     from trainers.config import load_config
-    from trainers.grpo import GRPOConfig, load_prompts
+    from trainers.grpo import GRPOConfig
+    from trainers.rollout import load_prompts
 
     config = load_config(GRPOConfig, MANIFEST, config_overrides(size, backend, CACHE / "unused"))
     params = replace(config.grpo, max_completion_length=tokens)
     tokenizer = runtime.load_tokenizer(config.model)
-    prompts = [p for p in load_prompts(config, tokenizer).ids[:16] for _ in range(8)]
+    rows, _ = load_prompts(config.data, config.grpo.max_prompt_length, tokenizer,
+                           config.train.seed)
+    prompts = [p for p in rows.ids[:16] for _ in range(8)]
     t0 = time.perf_counter()
     sampler = generation.make_sampler(config, tokenizer.pad_token_id,
                                       params.max_prompt_length + tokens, seed=0)

@@ -6,7 +6,7 @@ anchor-relative reward without publishing it; this one is **ours**. The head sta
 V ≡ ½ (weight 0, bias ½), the value of a tie with the anchor, so that before the critic has
 learned anything GAE with γ = λ = 1 gives exactly the `anchor` advantage r − ½. It is trained
 on the GAE returns (`losses.pairwise.gae`, `value_loss`) with its own AdamW, in the same
-backward as the policy (`grpo.optimise`'s companion), data-parallel like the policy.
+backward as the policy (`rollout.optimise`'s companion), data-parallel like the policy.
 
 Its state (weights and optimizer) is written to `output_dir/critic/step-N.pt` with every
 checkpoint of the policy, and read back on resume.
@@ -53,7 +53,7 @@ def critic_prefix(tokenizer, data, prompt, anchor: str, limit: int) -> list[int]
 
 
 class Critic:
-    """The value model as `grpo.optimise`'s companion: per-piece value loss, its own step."""
+    """The value model as `rollout.optimise`'s companion: per-piece value loss, its own step."""
 
     def __init__(self, run, config):
         from transformers import AutoModel
@@ -85,8 +85,8 @@ class Critic:
         the same completion columns as the policy's piece), its old values, and GAE advantages
         and returns in place of the sequence advantages. `num_tokens`: the global batch's
         completion tokens, the value loss's normaliser."""
-        from .grpo import pad_rollout
         from .losses.pairwise import gae, terminal_rewards
+        from .rollout import pad_rollout
 
         self.num_tokens = num_tokens
         for k, piece in enumerate(pieces):
@@ -118,7 +118,7 @@ class Critic:
         out[:, columns - completion:] = v[:, ids.shape[1] - completion - 1:-1].float()
         return out * piece["completion_mask"]
 
-    # ---- the companion protocol of grpo.optimise -------------------------------------------
+    # ---- the companion protocol of rollout.optimise -------------------------------------------
     def accumulate(self, last: bool):
         return nullcontext() if last else self.run.accelerator.no_sync(self.model)
 

@@ -2,10 +2,10 @@
 https://arxiv.org/abs/2504.04950): maximise the probability that a sampled response beats its
 anchor, as judged by a generative pairwise judge (`train judge`).
 
-One round: G samples of each prompt (GRPO's rollout pieces: `grpo.generate`,
-`grpo.rollout_pieces`), reward r = P̄(y ≻ a(x)) from the judge (both orders, symmetrised:
+One round: G samples of each prompt (the group-sampling round of `rollout.py`: `generate`,
+`rollout_pieces`), reward r = P̄(y ≻ a(x)) from the judge (both orders, symmetrised:
 `judging.Judge.preference`), then `num_iterations` optimizer steps of GRPO's clipped-ratio
-loss with per-token k3 KL (`grpo.optimise`). The anchor a(x) is
+loss with per-token k3 KL (`rollout.optimise`). The anchor a(x) is
 
 - `reference`: the row's reference response (`pairwise.anchor_field`), the paper's choice;
 - `greedy`: the starting policy's greedy response, computed once and cached in
@@ -84,7 +84,7 @@ class PairwiseParams:
         require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma",
                 "expected 0 < gamma <= 1 and 0 <= lam <= 1")
         require(self.critic_lr is None or self.critic_lr > 0, "critic_lr", "expected > 0 or null")
-        from .grpo import check_rollout_params
+        from .rollout import check_rollout_params
 
         check_rollout_params(self)
 
@@ -100,7 +100,7 @@ class PairwiseConfig:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # the engine of backend: vllm
 
     def __post_init__(self):
-        from .grpo import check_group_batch, check_iterations
+        from .rollout import check_group_batch, check_iterations
 
         check_group_batch(self.train, self.pairwise.num_generations, "pairwise")
         check_iterations(self.train, self.pairwise.num_iterations, "pairwise")
@@ -211,7 +211,7 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
     """
     from transformers import AutoTokenizer
 
-    from . import grpo
+    from . import rollout
     from .generation import HFSampler, check_backend, make_sampler, stop_token_ids
     from .judging import Judge, check_judge_folder, check_tokenizer, question_text, stored_format
     from .losses.pairwise import anchor_advantages
@@ -222,13 +222,13 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
     group, mu = params.num_generations, params.num_iterations
     check_backend(config, params, "pairwise")  # vLLM missing or unable to run the model
     run = Run(config, "pairwise", resume)
-    grpo.prompts_per_process(train, group, run.world, "pairwise")
+    rollout.prompts_per_process(train, group, run.world, "pairwise")
 
     # Everything that can fail on user input happens before a model loads.
     check_judge_folder(params.judge, "pairwise.judge")
     fmt = stored_format(params.judge)
     check_tokenizer(AutoTokenizer.from_pretrained(params.judge), fmt, "pairwise.judge")
-    prompts, _ = grpo.load_prompts(config.data, params.max_prompt_length, run.tokenizer,
+    prompts, _ = rollout.load_prompts(config.data, params.max_prompt_length, run.tokenizer,
                                    train.seed, run.accelerator, "pairwise")
     anchors = reference_anchors(config, prompts.rows) if params.anchor == "reference" else None
     questions = [question_text(v) for v in prompts.values]
@@ -271,10 +271,10 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
             # ---- generation round: this process's prompts, G samples each, judged ----------
             t0 = time.perf_counter()
             round_ = run.step // mu
-            mine = grpo.round_prompts(run, train, config.data, len(prompts.rows), group, round_,
+            mine = rollout.round_prompts(run, train, config.data, len(prompts.rows), group, round_,
                                       orders)
-            seeds = grpo.round_seeds(params, train.seed, round_, mine, group)
-            completions, texts, gen_seconds, engine = grpo.generate(run, params, prompts, mine,
+            seeds = rollout.round_seeds(params, train.seed, round_, mine, group)
+            completions, texts, gen_seconds, engine = rollout.generate(run, params, prompts, mine,
                                                                     stops, seeds, sampler)
             if params.anchor == "group":
                 members = group_anchor_members(mine, group, train.seed, round_)
@@ -288,24 +288,24 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
             advantages = anchor_advantages(rewards) if params.advantage == "anchor" else \
                 group_advantages(rewards, group, "group")
             here = slice(run.rank * len(mine), (run.rank + 1) * len(mine))
-            lengths, num_tokens = grpo.length_metrics(run, completions, stops)
+            lengths, num_tokens = rollout.length_metrics(run, completions, stops)
             info = {**round_metrics(rewards, consistency, group), **lengths,
                     "gen_s": gen_seconds, "judge_s": judge_seconds}
             if sampler.name == "vllm":
                 info["sync_s"] = sampler.sync_s
-            pieces = grpo.rollout_pieces(run, prompts, mine, completions, micro, engine,
+            pieces = rollout.rollout_pieces(run, prompts, mine, completions, micro, engine,
                                          advantages=advantages[here], rewards=rewards[here])
             for piece in pieces:
-                piece["old"] = grpo.completion_logps(run, run.model, piece, params.temperature,
+                piece["old"] = rollout.completion_logps(run, run.model, piece, params.temperature,
                                                      False, chunk) if mu > 1 else None
-                piece["ref"] = grpo.completion_logps(run, ref, piece, params.temperature,
+                piece["ref"] = rollout.completion_logps(run, ref, piece, params.temperature,
                                                      False, chunk) if ref is not None else None
             if critic is not None:
                 prefixes = [critic_prefix(run.tokenizer, config.data, prompts.values[j], a, limit)
                             for j, a in zip(mine, against)]
                 critic.attach(pieces, prefixes, completions, micro, num_tokens)
             # ---- μ optimizer steps on this batch ------------------------------------------
-            metrics = grpo.optimise(run, params, pieces, num_tokens, train.batch_size, info, t0,
+            metrics = rollout.optimise(run, params, pieces, num_tokens, train.batch_size, info, t0,
                                     companion=critic, chunk_size=chunk)
             checkpoint_or_stop(run, critic, metrics)
     return run.finish(metrics)

@@ -17,7 +17,8 @@ from trainers.cli import sample, train
 from trainers.config import load_config
 from trainers.errors import TrainerConfigError
 from trainers.generation import logprob_gap
-from trainers.grpo import GRPOConfig, pad_rollout
+from trainers.grpo import GRPOConfig
+from trainers.rollout import pad_rollout
 from trainers.sampling import SamplePairsConfig, SampleRSOConfig, load_sample_config
 from trainers.vllm_engine import policy_weights
 

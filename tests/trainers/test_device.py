@@ -66,7 +66,8 @@ def test_sft_step_stays_on_the_device(meta, chunk, monkeypatch):
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("mu", [1, 2])
 def test_grpo_step_stays_on_the_device(meta, chunk, mu):
-    from trainers.grpo import GRPOParams, pad_rollout, piece_loss
+    from trainers.grpo import GRPOParams
+    from trainers.rollout import pad_rollout, piece_loss
 
     params = GRPOParams(rewards=({"name": "format"},), beta=0.04, num_iterations=mu)
     piece = pad_rollout([[3, 4, 5], [6]], [[7, 8], [9, 10, 11]], 0, "meta")

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from trainers import models
 from trainers.errors import TrainingInterrupted
-from trainers.grpo import pad_rollout, train_grpo
+from trainers.grpo import train_grpo
 from trainers.metrics import read_metrics
+from trainers.rollout import pad_rollout
 
 DIGITS = "grpo.rewards=[grpo_rewards:digit_fraction]"
 SMALL = ("grpo.max_completion_length=8", "train.save_steps=null")

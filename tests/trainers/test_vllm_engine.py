@@ -29,9 +29,10 @@ from helpers import snapshot  # noqa: E402
 from trainers import generation  # noqa: E402
 from trainers.cli import train  # noqa: E402
 from trainers.config import load_config  # noqa: E402
-from trainers.grpo import GRPOConfig, load_prompts, train_grpo  # noqa: E402
+from trainers.grpo import GRPOConfig, train_grpo  # noqa: E402
 from trainers.logprobs import token_logprobs  # noqa: E402
 from trainers.metrics import read_metrics  # noqa: E402
+from trainers.rollout import load_prompts  # noqa: E402
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "train"
 MARGIN = 1e-3  # logit gap below which fp32 kernels may order two tokens differently
@@ -163,7 +164,8 @@ def test_greedy_matches_hf(engine, sft_model, prompts):
 
 
 def test_sampling_keeps_the_stops_length_and_knobs_of_the_hf_path(engine, sft_model, prompts):
-    from trainers.grpo import GRPOParams, pad_rollout
+    from trainers.grpo import GRPOParams
+    from trainers.rollout import pad_rollout
 
     model = load(sft_model)
     reset(engine, model)
