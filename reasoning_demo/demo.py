@@ -33,14 +33,15 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from mergekit_rl.errors import ConfigError
 
 from . import report as report_mod
 from .recipe import make_recipe
-from .runner import Job, run_jobs
-from .stages import DEPENDS, PIPELINE, Context, Stages, eval_file
+from .runner import Job, run_jobs, setup_process, stage_job
+from .stages import DEPENDS, PIPELINE, Context, Stages, eval_file, evaluate_row
 
 EVAL_FROM = {"base": "base", "sft": "sft", "grpo": "grpo", "instruct": "instruct",
              "instruct+v": "vector", "instruct-v": "vector", "merge": "vector", "wpo": "wpo",
@@ -63,14 +64,9 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tup
              quiet: bool = False, workers: int = 1) -> Iterator[str]:
     """Run (or resume) the experiment in `out` on `workers` processes (`runner`), yielding one
     line per finished stage and the report table at the end."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
     recipe = make_recipe(quick, overrides)
     out = open_output(out, fresh)
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(recipe.threads)
+    setup_process(recipe.threads)
     ctx = Context(out, recipe, quiet)
     stages = Stages(out, recipe)
     yield (f"mergekit-rl demo: recipe {recipe.fingerprint()}{' (quick)' if quick else ''} in "
@@ -95,9 +91,9 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, overrides: tup
 def jobs() -> list[Job]:
     """The pipeline's stages, then the greedy evaluation of every report row's model on its
     held-out task (one job each, ready as soon as that model is)."""
-    out = [Job(name, tuple(outputs), DEPENDS[name], ("stage", name))
-           for name, outputs, _ in PIPELINE]
+    out = [stage_job(name, outputs, DEPENDS[name]) for name, outputs, _ in PIPELINE]
     out += [Job(f"eval {name} {task}", (eval_file(name, task),),
-                ((EVAL_FROM[name],), ("n_test", "max_new_tokens")), ("eval", name, task))
+                ((EVAL_FROM[name],), ("n_test", "max_new_tokens")),
+                partial(evaluate_row, row=name, task=task))
             for name, task in report_mod.ROWS]
     return out

@@ -13,42 +13,65 @@ behind it; a rerun then redoes what was not recorded as finished in `stages.json
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+from mergekit_rl.errors import MergekitRLError
 
 from .recipe import Recipe
 from .stages import Context, Stages
-
-POLL = 0.05  # seconds between looks at the running stages
 
 
 @dataclass(frozen=True)
 class Job:
     """One stage: its name, the outputs it writes (relative to OUT), what it depends on (the
-    stages it reads from and the recipe fields it uses), and what to call: ("stage", name) for
-    a `stages.PIPELINE` stage, ("eval", row, task) for the evaluation of a report row."""
+    stages it reads from and the recipe fields it uses), and `call(ctx)`, which runs it and
+    returns its summary (a module-level function or a partial of one: workers unpickle it)."""
 
     name: str
     outputs: tuple[str, ...]
     depends: tuple[tuple[str, ...], tuple[str, ...]]
-    call: tuple[str, ...]
+    call: Callable[[Context], str | None]
+
+
+def pipeline_stage(ctx: Context, name: str) -> str | None:
+    """`call` of a `stages.PIPELINE` stage."""
+    from .stages import PIPELINE
+
+    return {n: fn for n, _, fn in PIPELINE}[name](ctx)
+
+
+def stage_job(name: str, outputs, depends) -> Job:
+    return Job(name, tuple(outputs), depends, partial(pipeline_stage, name=name))
 
 
 def run_jobs(stages: Stages, jobs: list[Job], ctx: Context, workers: int) -> Iterator[str]:
     """Run (or reuse) every job, yielding each one's line as it finishes. A job starts once all
     the jobs it depends on have finished; `jobs` lists every job after those it depends on."""
     fingerprints = {j.name: stages.fingerprint(j.name, *j.depends) for j in jobs}
-    if workers <= 1:
+    if workers <= 1:  # here, in order
         for job in jobs:
-            yield stages.run(job.name, list(job.outputs), lambda job=job: call(ctx, job.call),
-                             job.depends)
+            if stages.reusable(job.name, list(job.outputs), fingerprints[job.name]):
+                yield stages.reused_line(job.name)
+                continue
+            stages.prepare(job.name, list(job.outputs))
+            summary, seconds = stages.outcome(
+                job.name, partial(_work, ctx.out, ctx.recipe, ctx.quiet, job.call))
+            stages.record(job.name, fingerprints[job.name], seconds)
+            yield stages.done_line(job.name, summary, seconds)
         return
     import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    pool = multiprocessing.get_context("spawn").Pool(
-        workers, initializer=_init_worker, initargs=(ctx.quiet, ctx.recipe.threads))
+    others = set(multiprocessing.active_children())  # children that are not our workers
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(ctx.quiet, ctx.recipe.threads))
+    # Start every worker now: the executor spawns them lazily, and then now and then ran two
+    # submitted stages one after the other in a single worker (private, Python >= 3.9).
+    for _ in range(workers):
+        getattr(pool, "_adjust_process_count", lambda: None)()
     waiting, running, finished = list(jobs), {}, set()
     try:
         while waiting or running:
@@ -58,8 +81,7 @@ def run_jobs(stages: Stages, jobs: list[Job], ctx: Context, workers: int) -> Ite
                 for job in list(waiting):
                     if not set(job.depends[0]) <= finished:
                         continue
-                    fingerprint = fingerprints[job.name]
-                    if stages.reusable(job.name, list(job.outputs), fingerprint):
+                    if stages.reusable(job.name, list(job.outputs), fingerprints[job.name]):
                         waiting.remove(job)
                         finished.add(job.name)
                         yield stages.reused_line(job.name)
@@ -67,46 +89,71 @@ def run_jobs(stages: Stages, jobs: list[Job], ctx: Context, workers: int) -> Ite
                     elif len(running) < workers:
                         waiting.remove(job)
                         stages.prepare(job.name, list(job.outputs))
-                        running[job.name] = (job, pool.apply_async(
-                            _work, (ctx.out, ctx.recipe, ctx.quiet, job.call)))
+                        running[pool.submit(_work, ctx.out, ctx.recipe, ctx.quiet, job.call)] = job
                         started = True
-            done = [name for name, (_, result) in running.items() if result.ready()]
-            if not done:
-                time.sleep(POLL)
-                continue
-            for name in done:
-                job, result = running.pop(name)
-                summary, seconds = stages.outcome(name, result.get)
-                stages.record(name, fingerprints[name], seconds)
-                finished.add(name)
-                yield stages.done_line(name, summary, seconds)
+            if not running:
+                if not waiting:
+                    break  # the rest was reused
+                raise RuntimeError(f"internal: jobs {[j.name for j in waiting]} wait for jobs "
+                                   "that are not in the list")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                names = [job.name] + [j.name for j in running.values()]
+                summary, seconds = stages.outcome(job.name, partial(_result, future, names))
+                stages.record(job.name, fingerprints[job.name], seconds)
+                finished.add(job.name)
+                yield stages.done_line(job.name, summary, seconds)
     finally:
-        pool.terminate()
-        pool.join()
+        _stop(pool, others)
 
 
-def call(ctx: Context, what: tuple[str, ...]) -> str | None:
-    """Run one job's function in this process."""
-    from .stages import PIPELINE, evaluate_row
+def _result(future, running: list[str]) -> tuple[str | None, float]:
+    """The job's (summary, seconds); a killed worker (out of memory, a signal) breaks the pool
+    and every running job with it: one line naming them, no hang."""
+    from concurrent.futures.process import BrokenProcessPool
 
-    if what[0] == "eval":
-        return evaluate_row(ctx, what[1], what[2])
-    return {name: fn for name, _, fn in PIPELINE}[what[1]](ctx)
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise MergekitRLError(f"a worker process died (killed by the system, e.g. out of "
+                              f"memory?) while running {', '.join(sorted(running))}; run the "
+                              "demo again to resume from the finished stages") from None
 
 
-def _work(out: Path, recipe: Recipe, quiet: bool, what: tuple[str, ...]
+def _stop(pool, others: set) -> None:
+    """Stop the workers now, stages still running included (their half-written outputs are
+    removed when a rerun starts them again): shutdown alone would wait for the running stages
+    to finish, and a pool broken by a dead worker no longer knows its other processes."""
+    import multiprocessing
+
+    for process in set(multiprocessing.active_children()) - others:
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _work(out: Path, recipe: Recipe, quiet: bool, call: Callable[[Context], str | None]
           ) -> tuple[str | None, float]:
+    import time
+
     t0 = time.perf_counter()
-    summary = call(Context(out, recipe, quiet), what)
+    summary = call(Context(out, recipe, quiet))
     return summary, time.perf_counter() - t0
+
+
+def setup_process(threads: int) -> None:
+    """What every process that runs stages sets first: torch's threads, quiet transformers."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(threads)
 
 
 def _init_worker(quiet: bool, threads: int) -> None:
     import ctypes
     import signal
-
-    import torch
-    from transformers.utils import logging as hf_logging
 
     from mergekit_rl.console import setup_logging
 
@@ -117,6 +164,4 @@ def _init_worker(quiet: bool, threads: int) -> None:
         pass
     for name in ("mergekit_rl", "trainers"):
         setup_logging(name, quiet)
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(threads)
+    setup_process(threads)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import random
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,8 @@ class Context:
 
 
 class Stages:
-    """Runs named stages in order, reusing those finished before with the same inputs."""
+    """The record of finished stages (`stages.json`): which can be reused (same inputs, outputs
+    there), clearing one before it runs, recording it after; `runner` runs them."""
 
     def __init__(self, out: Path, recipe: Recipe):
         self.out, self.recipe = out, recipe
@@ -83,20 +83,6 @@ class Stages:
         text = json.dumps([name, values, [self.fingerprints[d] for d in deps]], sort_keys=True)
         self.fingerprints[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
         return self.fingerprints[name]
-
-    def run(self, name: str, outputs: list[str], fn: Callable[[], str | None],
-            depends: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> str:
-        """Run one stage here (or reuse it) and return its line."""
-        deps, fields = depends or DEPENDS[name]
-        fingerprint = self.fingerprint(name, deps, fields)
-        if self.reusable(name, outputs, fingerprint):
-            return self.reused_line(name)
-        self.prepare(name, outputs)
-        t0 = time.perf_counter()
-        summary, _ = self.outcome(name, lambda: (fn(), None))
-        seconds = time.perf_counter() - t0
-        self.record(name, fingerprint, seconds)
-        return self.done_line(name, summary, seconds)
 
     def reusable(self, name: str, outputs: list[str], fingerprint: str) -> bool:
         """Finished before with the same inputs, and its outputs are there."""

@@ -94,3 +94,18 @@ def one_line_error(result, *words: str) -> str:
     for word in words:
         assert word in lines[0], (word, lines[0])
     return lines[0]
+
+
+def worker_dies(ctx) -> None:
+    """A demo job whose worker process is killed (as the system's OOM killer would)."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_sleeps(ctx) -> None:
+    """A demo job that would run for a long time."""
+    import time
+
+    time.sleep(120)
