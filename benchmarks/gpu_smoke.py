@@ -68,10 +68,11 @@ CASES = [
          sets=("model.path={work}/sft", "data.path={work}/pairs.jsonl",
                "train.output_dir={work}/judge", "train.batch_size=4", "train.micro_batch_size=2",
                "judge.eval_size=2")),
-    Case("train pairwise (critic)", ("train", "pairwise", "{manifests}/pairwise_tiny.yaml"),
+    Case("train pairwise (critic, offloaded reference)",
+         ("train", "pairwise", "{manifests}/pairwise_tiny.yaml"),
          train=True, sets=("model.path={work}/sft", "pairwise.judge={work}/judge",
                            "train.output_dir={work}/pairwise", "pairwise.critic=true",
-                           "pairwise.beta=0.04")),
+                           "pairwise.beta=0.04", "model.reference_offload=true")),
     # backend: vllm (when vllm is installed) on a model with head_dim 64, which every vLLM
     # attention backend runs (the demo's tiny models have 24)
     Case("train sft (head_dim 64)", ("train", "sft", "{manifests}/sft_tiny.yaml"), train=True,

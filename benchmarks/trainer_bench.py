@@ -63,6 +63,7 @@ SIZES = {  # Qwen2 shapes
                  num_kv_heads=2),
 }
 BENCHES = ("grpo", "wpo")
+OFFLOAD = os.environ.get("BENCH_REFERENCE", "offload") == "offload"  # ours' GRPO reference
 GRPO = dict(prompts=8, generations=8, completion_tokens=32, micro_batch=8, beta=0.04, lr=1e-5,
             seed=0)
 WPO = dict(pairs=8, pairs_per_step=8, max_length=256, max_prompt_length=192, beta=0.1, lr=1e-4,
@@ -198,6 +199,8 @@ def run_ours_grpo(folder: Path, steps: int, out: Path, lora: int | None) -> dict
     }
     if lora:
         raw["model"]["lora"] = {"r": lora, "alpha": 2 * lora}
+    elif OFFLOAD:  # the reference is read in for each round's pass only
+        raw["model"]["reference_offload"] = True
     config = resolve_paths(from_dict(GRPOConfig, raw), out)
     ends = patch_step_clock()
     train_grpo(config)

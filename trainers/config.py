@@ -80,11 +80,18 @@ class ModelConfig:
     lora: LoRAConfig | None = None  # train LoRA adapters instead of every weight (needs peft)
     # tokens per LM-head chunk (log-probs without whole [B, T, V] logits); null: automatic
     lm_head_chunk_size: int | None = None
+    # keep the frozen reference (GRPO, pairwise, WPO without precompute_ref) off the device
+    # between its passes: on an accelerator in host memory, moved in for each pass; on the CPU
+    # re-read from `path` for each pass. Same log-probs; costs a copy (or a read) per round.
+    reference_offload: bool = False
 
     def __post_init__(self):
         require(bool(self.path), "path", "expected a model folder or Hub id")
         require(self.lm_head_chunk_size is None or self.lm_head_chunk_size > 0,
                 "lm_head_chunk_size", "expected > 0 or null")
+        require(not (self.reference_offload and self.lora is not None), "reference_offload",
+                "with model.lora the reference is the policy with its adapters off (no copy "
+                "to offload); remove reference_offload")
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,9 @@ class OptimConfig:
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    # torch's fused AdamW kernel (one pass, no full-size temporaries in the step); null: fused
+    # where torch has it for every trainable weight (CPU and CUDA floats), else the default
+    fused: bool | None = None
 
     def __post_init__(self):
         require(self.lr > 0, "lr", f"expected a positive learning rate, got {self.lr}")

@@ -69,8 +69,9 @@ class Critic:
         models.disable_dropout(backbone)
         module = ValueModel(backbone, backbone.config.hidden_size).train()
         optim = OptimConfig(lr=params.critic_lr or config.optim.lr, betas=config.optim.betas,
-                            eps=config.optim.eps, max_grad_norm=config.optim.max_grad_norm)
-        optimizer = runtime.make_optimizer(module, optim)
+                            eps=config.optim.eps, max_grad_norm=config.optim.max_grad_norm,
+                            fused=config.optim.fused)
+        optimizer = runtime.make_optimizer(module, optim, run.device)
         self.max_grad_norm = optim.max_grad_norm
         self.model, self.optimizer = run.accelerator.prepare(module, optimizer)
         self.module = run.accelerator.unwrap_model(self.model)

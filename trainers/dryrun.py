@@ -55,7 +55,7 @@ def report(run) -> str:
     whole = tokens * vocab * 4
     logits = min(tokens, chunk) * vocab * 4 * 3  # the chunk's logits, softmax/grad, a cast
     parts = [("weights", weights), ("gradients", grads), ("optimizer (AdamW)", optimizer)]
-    if reference:
+    if reference and not model_cfg.reference_offload:
         parts.append(("reference copy", reference))
     parts.append(("LM-head logits", logits))
     lines.append("  memory per process (estimate): " + ", ".join(f"{name} {_gb(v)}"
@@ -67,6 +67,9 @@ def report(run) -> str:
                      f"{chunk:,} tokens" if tokens > chunk else
                      f"  logits: {tokens:,} tokens per micro-batch x {vocab:,} fit in one "
                      f"chunk ({_gb(whole)} in float32)")
+    if reference and model_cfg.reference_offload:
+        lines.append(f"  reference: offloaded (model.reference_offload); its {_gb(reference)} are "
+                     "on the device only during its log-prob passes, when there are no gradients")
     if run.precision != "no":
         lines.append(f"  autocast keeps {run.precision} copies of the weights it uses: up to "
                      f"{_gb(total * 2 / split)} more")

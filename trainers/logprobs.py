@@ -103,7 +103,12 @@ class ChunkedLogprob(torch.autograd.Function):
         w = weight.to(dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         wide = lse.dtype
-        grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_w else None
+        # the tied head of an unsharded policy (`models.sparse_tied_embedding_grad`) adds its
+        # gradient into the accumulated `.grad` in place: no second [V, H] buffer
+        in_place = need_w and getattr(weight, "grad_in_place", False) and \
+            weight.grad is not None and weight.grad.dtype == wide
+        grad_w = weight.grad if in_place else \
+            torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) \
             if need_b and bias is not None else None
         with _no_autocast(hidden.device.type):
@@ -122,7 +127,7 @@ class ChunkedLogprob(torch.autograd.Function):
                     grad_w.addmm_(dz.t(), h)  # in place: no second [V, H] per chunk
                 elif need_w:
                     grad_w += (dz.t() @ h.to(dtype)).to(wide)
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
+        return (grad_h, grad_w.to(weight.dtype) if need_w and not in_place else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
 
 

@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from . import models
 from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, VLLMConfig, require
 from .errors import TrainerConfigError, TrainingInterrupted
 
@@ -241,7 +242,8 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
 
     ref = run.load_reference() if params.beta > 0 or params.anchor == "greedy" else None
     if params.anchor == "greedy":
-        anchors = greedy_anchors(run, config, prompts.ids, ref)
+        with models.resident(ref) as reference:
+            anchors = greedy_anchors(run, config, prompts.ids, reference)
     ref = ref if params.beta > 0 else None
     # loaded before the RNG is seeded or restored, so a resumed run samples as the first did
     judge = Judge.load(params.judge, run.device, config.model.dtype, params.judge_batch_size,
@@ -295,11 +297,14 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
                 info["sync_s"] = sampler.sync_s
             pieces = rollout.rollout_pieces(run, prompts, mine, completions, micro, engine,
                                          advantages=advantages[here], rewards=rewards[here])
-            for piece in pieces:
-                piece["old"] = rollout.completion_logps(run, run.model, piece, params.temperature,
-                                                     False, chunk) if mu > 1 else None
-                piece["ref"] = rollout.completion_logps(run, ref, piece, params.temperature,
-                                                     False, chunk) if ref is not None else None
+            with models.resident(ref) as reference:  # an offloaded one: for this pass only
+                for piece in pieces:
+                    piece["old"] = rollout.completion_logps(run, run.model, piece,
+                                                         params.temperature, False, chunk) \
+                        if mu > 1 else None
+                    piece["ref"] = rollout.completion_logps(run, reference, piece,
+                                                         params.temperature, False, chunk) \
+                        if ref is not None else None
             if critic is not None:
                 prefixes = [critic_prefix(run.tokenizer, config.data, prompts.values[j], a, limit)
                             for j, a in zip(mine, against)]

@@ -61,6 +61,29 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+MMAP_THRESHOLD = 256 * 1024  # bytes: glibc's own default, kept fixed (see below)
+
+
+def bound_host_fragmentation(device: torch.device) -> bool:
+    """Training on the CPU: fix glibc's mmap threshold at its 256 KiB default.
+
+    glibc raises the threshold to the size of each large block freed (up to 32 MiB), after
+    which the per-step weight gradients and activations of 1-32 MiB come from the heap, whose
+    freed holes are not given back: the resident size creeps up by hundreds of MB over the first
+    steps (150 MB of peak at a 151,936-token vocabulary; `benchmarks/trainer_bench.py`) at no
+    gain in speed. A fixed threshold keeps such blocks mapped, so freeing one returns it. Left
+    alone when MALLOC_MMAP_THRESHOLD_ is set, off glibc, or on an accelerator. True if set."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if device.type != "cpu" or "MALLOC_MMAP_THRESHOLD_" in os.environ or \
+            platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+
+
 def resolve_precision(train: TrainConfig, model: ModelConfig) -> str:
     """accelerate's mixed_precision for this run. `auto`: bf16 autocast over fp32 weights on a
     GPU that has bf16, nothing on the CPU (so CPU runs compute exactly in fp32); an `accelerate
@@ -239,14 +262,30 @@ def load_tokenizer(model: ModelConfig):
 # ---------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable weights; no weight decay on biases and norm weights (1-D)."""
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig,
+                   device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights; no weight decay on biases and norm weights (1-D).
+
+    Fused (`optim.fused`, default where torch has the kernel): the update is one pass per
+    tensor, so the step makes no full-size temporaries (the per-tensor loop holds a copy of
+    the largest tensor's √v, 150 MB for a 151,936 x 256 embedding); same maths to rounding.
+    `device`: where the weights will train (accelerate moves them after this), default theirs."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    supported = bool(params) and all(
+        (device or p.device).type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    if optim.fused and not supported:
+        raise TrainerConfigError("optim.fused: torch's fused AdamW needs floating-point weights "
+                                 f"on {' or '.join(FUSED_DEVICES)}; set optim.fused: null")
+    fused = supported if optim.fused is None else optim.fused
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                             fused=fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):

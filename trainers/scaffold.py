@@ -111,6 +111,10 @@ class Run:
         self.rank = self.accelerator.process_index
         self.device = self.accelerator.device
         self.shard = runtime.sharding(self.accelerator)
+        runtime.bound_host_fragmentation(self.device)
+        if config.model.reference_offload and self.shard in ("fsdp", "zero3"):
+            raise TrainerConfigError(f"model.reference_offload: under {self.shard} the reference "
+                                     "is sharded like the policy already; remove it")
         if not self.dry_run:
             self._prepare_output_dir()
         self.tokenizer = runtime.load_tokenizer(config.model)
@@ -169,7 +173,7 @@ class Run:
             raise DryRunComplete(report(self))
         runtime.warn_low_precision(self.config.model, self.precision)
         model = models.load_model(self.config.model, path=self.resume_dir)
-        optimizer = runtime.make_optimizer(model, self.config.optim)
+        optimizer = runtime.make_optimizer(model, self.config.optim, self.device)
         self.scheduler = runtime.make_scheduler(optimizer, self.config.optim, max_steps)
         # The scheduler stays outside `prepare` (accelerate would step it once per process);
         # it is checkpointed as a registered object.
@@ -177,6 +181,8 @@ class Run:
         self.accelerator.register_for_checkpointing(self.scheduler)
         register_hooks(self.accelerator)
         self.policy = self.accelerator.unwrap_model(self.model)
+        if self.shard is None and self.config.model.lora is None:  # after DDP has wrapped it
+            models.sparse_tied_embedding_grad(self.policy)
         if self.resume_dir is not None:
             warn_config_changes(self.resume_dir / "trainer_config.yaml", self.config)
             state = load_training_state(self.resume_dir, self.accelerator)
@@ -278,9 +284,13 @@ class Run:
         grad_norm = float(norm) if norm is not None else math.nan
         if scaler is None and norm is not None:
             self._check_finite(grad_norm, "gradient norm")
+        scale = scaler.get_scale() if scaler is not None else None
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
-        if self.accelerator.optimizer_step_was_skipped:
+        # a fused optimizer takes the scaler's found-inf itself (accelerate then sees a step):
+        # an overflow is also told by the lowered scale
+        if self.accelerator.optimizer_step_was_skipped or \
+                (scale is not None and scaler.get_scale() < scale):
             self.skipped_steps += 1
             log.warning("step %d: fp16 gradients overflowed; the update was skipped and the "
                         "loss scale lowered to %g (%d skipped so far)", self.step + 1,

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from . import runtime
+from . import models, runtime
 from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, require
 from .data import (
     as_messages,
@@ -282,13 +282,14 @@ def precompute_reference(run, config: WPOConfig, sets: dict[str, list[PairExampl
     t0 = time.perf_counter()
     ref = run.model if run.step == 0 else run.load_reference()  # resumed: the policy moved
     out = {}
-    for name, examples in sets.items():
-        share, real = run.my_share(len(examples))
-        local = reference_logps(ref, examples, share, run.tokenizer.pad_token_id,
-                                config.train.micro_batch_size, run.device, run.autocast,
-                                config.model.lm_head_chunk_size)
-        local[real:] = float("nan")
-        out[name] = gather(local).cpu()[:len(examples)]  # process order = index order
+    with models.resident(ref) as ref:
+        for name, examples in sets.items():
+            share, real = run.my_share(len(examples))
+            local = reference_logps(ref, examples, share, run.tokenizer.pad_token_id,
+                                    config.train.micro_batch_size, run.device, run.autocast,
+                                    config.model.lm_head_chunk_size)
+            local[real:] = float("nan")
+            out[name] = gather(local).cpu()[:len(examples)]  # process order = index order
     if run.accelerator.is_main_process:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -346,9 +347,10 @@ def reference_of(run, config: WPOConfig, examples, indices, cache, ref_model) ->
         return torch.zeros(2, len(indices), device=run.device)
     if cache is not None:
         return cache[indices].T.to(run.device)
-    return reference_logps(ref_model, examples, indices, run.tokenizer.pad_token_id,
-                           len(indices), run.device, run.autocast,
-                           config.model.lm_head_chunk_size).T
+    with models.resident(ref_model) as model:  # an offloaded one: for this micro-batch
+        return reference_logps(model, examples, indices, run.tokenizer.pad_token_id,
+                               len(indices), run.device, run.autocast,
+                               config.model.lm_head_chunk_size).T
 
 
 def evaluate(run, config: WPOConfig, examples, cache, ref_model, alignment) -> dict:

@@ -109,3 +109,45 @@ def test_pad_rollout_layout():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 5, 0], [0, 0, 4, 6, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
     assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+
+
+def test_an_offloaded_reference_gives_the_same_run_and_is_not_kept(load, monkeypatch):
+    """`model.reference_offload`: the same losses, KL and weights as a resident reference; on
+    the CPU the reference is read in for each round's pass and dropped after it."""
+    args = ("train.max_steps=3", "grpo.beta=0.1", "optim.lr=1e-2", *SMALL)
+    resident = train_grpo(load("grpo_tiny.yaml", DIGITS, *args, out="resident"))
+    passes, real = [], models.OffloadedReference.resident
+
+    def counted(self):
+        passes.append(self.model is None)  # nothing held between passes
+        return real(self)
+
+    monkeypatch.setattr(models.OffloadedReference, "resident", counted)
+    offloaded = train_grpo(load("grpo_tiny.yaml", DIGITS, *args,
+                                "model.reference_offload=true", out="offloaded"))
+    assert passes == [True] * 3  # one pass per round
+    a, b = curve(resident), curve(offloaded)
+    assert [r["kl"] for r in a] == pytest.approx([r["kl"] for r in b], abs=1e-7)
+    assert a[-1]["kl"] > 0 and [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b],
+                                                                      abs=1e-7)
+    wa, wb = load_file(resident / "model.safetensors"), load_file(offloaded / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-7) for k in wa)
+
+
+def test_an_offloaded_reference_moves_in_for_a_pass_and_back(tiny_model):
+    """On an accelerator (`meta` stands in) the weights wait in host memory and are on the
+    device only inside `resident()`; the small buffers stay there."""
+    from trainers.config import ModelConfig
+
+    ref = models.OffloadedReference(ModelConfig(path=str(tiny_model), reference_offload=True),
+                                    torch.device("meta"))
+    host = dict(ref.model.named_parameters())
+    assert {p.device.type for p in ref.model.parameters()} == {"cpu"}
+    assert {b.device.type for b in ref.model.buffers()} <= {"meta"}
+    with models.resident(ref) as model:
+        assert model is ref.model
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert all(p is host[name] for name, p in ref.model.named_parameters())
+    assert ref.model.lm_head.weight is ref.model.model.embed_tokens.weight  # still tied
+    with models.resident(None) as nothing:  # anything else is itself
+        assert nothing is None

@@ -129,3 +129,43 @@ def test_packed_rows_equal_separate_sequences(tiny_model):
         packed = token_logprobs(model, ids, None, mask, position_ids=positions, start=1)
     torch.testing.assert_close(packed[0, 1:len(a)], reference(model, a), atol=1e-5, rtol=0)
     torch.testing.assert_close(packed[0, len(a) + 1:], reference(model, b), atol=1e-5, rtol=0)
+
+
+def test_tied_embedding_gradients_without_full_vocabulary_copies(tiny_model):
+    """`models.sparse_tied_embedding_grad`: the lookup's gradient is sparse and the chunked head
+    adds into the accumulated `.grad` in place; over two accumulated micro-batches `.grad` is
+    dense and equals a plain copy's (dense lookup, whole logits) to fp32 rounding."""
+    from trainers import logprobs
+    from trainers.models import sparse_tied_embedding_grad
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    lean = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert sparse_tied_embedding_grad(lean) and lean.get_input_embeddings().sparse
+    weight = lean.get_input_embeddings().weight
+    buffers, real = [], torch.zeros
+
+    def counting_zeros(*shape, **kw):  # a [V, H] gradient buffer made by the head's backward
+        out = real(*shape, **kw)
+        if tuple(out.shape) == tuple(weight.shape):
+            buffers.append(out)
+        return out
+
+    ids, attention, completion = _batch()
+    for model, chunk in ((plain, 10 ** 9), (lean, 3)):
+        for k in range(2):  # two micro-batches accumulate
+            logprobs.torch.zeros = counting_zeros if model is lean and k == 1 else real
+            try:
+                out = token_logprobs(model, ids, attention, completion, start=3 + k,
+                                     chunk_size=chunk)
+                (out * torch.linspace(-1.0, 2.0, out.numel()).view_as(out)).sum().backward()
+            finally:
+                logprobs.torch.zeros = real
+    assert not buffers  # the second micro-batch's head gradient went straight into .grad
+    assert weight.grad.layout == torch.strided
+    grads = dict(plain.named_parameters())
+    for name, p in lean.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+    # untied embeddings keep their dense gradients (a sparse one would be their .grad)
+    untied = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
+                                                  tie_word_embeddings=False)
+    assert not sparse_tied_embedding_grad(untied) and not untied.get_input_embeddings().sparse

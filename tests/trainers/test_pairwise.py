@@ -140,3 +140,19 @@ def test_the_judge_as_a_grpo_reward_and_in_sample_pairs(tiny_model, digit_judge,
         sample_pairs(config)
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert rows and all(0 <= r["rejected_reward"] < r["chosen_reward"] <= 1 for r in rows)
+
+
+def test_an_offloaded_reference_gives_the_same_anchors_and_run(pairwise):
+    """`model.reference_offload`: greedy anchors and the KL to the reference as with a resident
+    copy (the reference is read in for the anchors and for each round's pass)."""
+    args = ("pairwise.anchor=greedy", "pairwise.beta=0.04", "train.max_steps=2",
+            "optim.lr=1e-2", "data.max_examples=8", "train.batch_size=16")
+    resident = train_pairwise(pairwise(*args, out="resident"))
+    offloaded = train_pairwise(pairwise(*args, "model.reference_offload=true", out="offloaded"))
+    assert json.loads((resident / GREEDY_CACHE).read_text())["anchors"] == \
+        json.loads((offloaded / GREEDY_CACHE).read_text())["anchors"]
+    a, b = curve(resident), curve(offloaded)
+    assert a[-1]["kl"] > 0
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        assert all(ra[k] == pytest.approx(rb[k], abs=1e-6) for k in ra), (ra, rb)

@@ -277,6 +277,8 @@ LAUNCH_CASES = [
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_USE_ORIG_PARAMS": "false"},
      ("model.lora={r: 4}",), "fsdp_use_orig_params: false cannot train LoRA"),
     ({}, ("train.eval_steps=5",), "train.eval_steps: there are no held-out rows"),
+    ({}, ("model.lora={r: 4}", "model.reference_offload=true"),
+     "reference_offload=true: with model.lora the reference is the policy"),
 ]
 
 
@@ -322,3 +324,29 @@ def test_deepspeed_config_sections_the_trainer_owns(tiny_model, tmp_path, monkey
                                         *sets(f"model.path={tiny_model}",
                                               f"train.output_dir={tmp_path / 'run'}")])
     assert result.exit_code == 1 and "zero3_save_16bit_model: false" in result.output
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_steps_like_the_loop():
+    """`optim.fused` null: torch's fused kernel on the CPU (no full-size temporaries in the
+    step); its updates equal torch's per-tensor AdamW to rounding; asked for where there is no
+    kernel, one line naming the field."""
+    from trainers.config import OptimConfig
+    from trainers.errors import TrainerConfigError
+    from trainers.runtime import make_optimizer
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(8, 4) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    fused = make_optimizer(nets[0], OptimConfig(lr=1e-2, weight_decay=0.1))
+    loop = make_optimizer(nets[1], OptimConfig(lr=1e-2, weight_decay=0.1, fused=False))
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for net, opt in zip(nets, (fused, loop)):
+            net(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TrainerConfigError, match="optim.fused: torch's fused AdamW needs"):
+        make_optimizer(torch.nn.Linear(2, 2), OptimConfig(fused=True), torch.device("meta"))
