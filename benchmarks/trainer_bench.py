@@ -15,8 +15,10 @@ sampling from the model (`min_new_tokens` = `max_new_tokens` = 32) and replayed 
 (ours: `generation.sample`, TRL: `GRPOTrainer._generate_single_turn` are replaced), so both
 train on the same rollouts: a sampled GRPO loss is ~0 by construction and compares nothing.
 Every step takes the same 64 completions in micro-batches of 8 (8 accumulation steps), β 0.04
-(a reference model on both sides), lr 1e-5, loss "dapo", group-scaled advantages; the reward is
-the share of digit characters of the completion text (deterministic, so the rewards match).
+(a reference model on both sides; ours with `model.reference_offload: true`, read in for each
+round's pass only; BENCH_REFERENCE=resident keeps it loaded as TRL does), lr 1e-5, loss
+"dapo", group-scaled advantages; the reward is the share of digit characters of the completion
+text (deterministic, so the rewards match).
 
 wpo: 8 plain-text preference pairs from the demo's word problems (prompt "Question: ...\\n
 Answer:\\n", chosen = the worked solution, rejected = the same with a wrong final "#### N"; EOS

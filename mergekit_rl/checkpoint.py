@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -282,6 +283,41 @@ class Checkpoint:
         if nbytes:
             _pread_into(self._fd(info.file), buf.numpy(), start, info.file)
         return buf.view(info.dtype).reshape(shape)
+
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: torch.Tensor) -> int:
+        """Read tensor `name` (or rows [r0, r1)) flattened into `out[:n]` in out's dtype
+        (float32 for `compare`), converting on the way; returns n. A local file of another
+        dtype is mapped for the block and converted from the page cache, so its bytes are not
+        copied twice (a read then a widening); the file's size is checked first, since touching
+        a mapping past its end would kill the process instead of raising."""
+        info = self.tensors[name]
+        count = info.nbytes // info.dtype.itemsize
+        start = info.offset
+        if rows is not None:
+            per_row = count // info.shape[0] if info.shape[0] else 0
+            start += rows[0] * per_row * info.dtype.itemsize
+            count = (rows[1] - rows[0]) * per_row
+        if info.dtype == out.dtype:
+            self.read(name, rows, out=out.view(torch.uint8))
+            return count
+        if self._fetch is not None or self._legacy is not None or count == 0:
+            out[:count].copy_(self.read(name, rows).reshape(-1))
+            return count
+        nbytes = count * info.dtype.itemsize
+        fd = self._fd(info.file)
+        if os.fstat(fd).st_size < start + nbytes:
+            raise CheckpointError(f"{info.file}: file ended early (expected at least "
+                                  f"{start + nbytes} bytes); it is truncated or was changed "
+                                  "while being read, re-download it")
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, start + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+        try:
+            src = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=start - base)
+            out[:count].copy_(src)
+            del src  # the mapping closes only once nothing views it
+        finally:
+            mapped.close()
+        return count
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)

@@ -150,3 +150,30 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_junk():
     with pytest.raises(ValueError, match="invalid size"):
         parse_size("lots")
+
+
+def test_read_into_widens_rows_of_any_dtype_and_refuses_a_short_file(tmp_path):
+    """`read_into` (what `compare` reads with): rows of bf16, fp16 and fp32 tensors, at offsets
+    that are not page-aligned, flattened into a float32 buffer exactly as `.float()` gives
+    them; a file shorter than its header says is one CheckpointError, not a crash."""
+    torch.manual_seed(0)
+    ref = {"x.pad": torch.randn(3).to(torch.bfloat16),  # makes the next offsets unaligned
+           "x.bf16": torch.randn(700, 9).to(torch.bfloat16),
+           "x.fp16": torch.randn(50, 3).to(torch.float16),
+           "x.fp32": torch.randn(40, 5)}
+    save_file(ref, tmp_path / "model.safetensors")
+    out = torch.full((10_000,), float("nan"))
+    with Checkpoint.open(tmp_path) as ckpt:
+        for name, t in ref.items():
+            n = ckpt.read_into(name, None, out)
+            assert n == t.numel() and torch.equal(out[:n], t.float().reshape(-1)), name
+        n = ckpt.read_into("x.bf16", (333, 701 - 1), out)
+        assert torch.equal(out[:n], ref["x.bf16"][333:700].float().reshape(-1))
+        assert ckpt.read_into("x.fp32", (0, 0), out) == 0
+    with Checkpoint.open(tmp_path) as ckpt:
+        header = min(info.offset for info in ckpt.tensors.values())
+        with open(tmp_path / "model.safetensors", "r+b") as f:  # cut while open
+            f.truncate(header + 4)
+        for name in ("x.bf16", "x.fp32"):  # mapped, and read
+            with pytest.raises(CheckpointError, match="file ended early"):
+                ckpt.read_into(name, None, out)
