@@ -104,8 +104,12 @@ def run_jobs(stages: Stages, jobs: list[Job], ctx: Context, workers: int) -> Ite
                 stages.record(job.name, fingerprints[job.name], seconds)
                 finished.add(job.name)
                 yield stages.done_line(job.name, summary, seconds)
-    finally:
+    except BaseException:
         _stop(pool, others)
+        raise
+    # every job done: the workers exit by themselves (terminated ones leave what they
+    # registered with the resource tracker, e.g. tqdm's lock, which it then warns about)
+    pool.shutdown(wait=True)
 
 
 def _result(future, running: list[str]) -> tuple[str | None, float]:

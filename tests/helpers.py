@@ -109,3 +109,12 @@ def worker_sleeps(ctx) -> None:
     import time
 
     time.sleep(120)
+
+
+def worker_locks(ctx) -> str:
+    """A demo job that makes a multiprocessing lock in its worker, as tqdm does for its bars (the
+    resource tracker warns at exit about any a terminated worker left)."""
+    import multiprocessing
+
+    worker_locks.lock = multiprocessing.RLock()
+    return "locked"

@@ -24,3 +24,29 @@ def test_a_killed_worker_is_one_error_and_stops_the_other_stage(tmp_path):
         list(run_jobs(stages, jobs, Context(tmp_path, recipe, True), workers=2))
     assert time.perf_counter() - t0 < 60  # the sleeping stage was stopped, not waited for
     assert "victim" not in stages.done and "sleeper" not in stages.done
+
+
+def test_workers_that_finish_exit_cleanly(tmp_path):
+    """After the last job the workers exit by themselves: terminating them left the locks they
+    made (tqdm's) to the resource tracker, which warned about "leaked semaphore objects"."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent
+    script = (
+        "from helpers import worker_locks\n"
+        "from reasoning_demo.recipe import make_recipe\n"
+        "from reasoning_demo.runner import Job, run_jobs\n"
+        "from reasoning_demo.stages import Context, Stages\n"
+        "import pathlib, sys\n"
+        "out = pathlib.Path(sys.argv[1]); recipe = make_recipe(quick=True)\n"
+        "jobs = [Job(f'lock{i}', (f'l{i}',), ((), ()), worker_locks) for i in range(2)]\n"
+        "print(list(run_jobs(Stages(out, recipe), jobs, Context(out, recipe, True), "
+        "workers=2)))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, cwd=here,
+                          env={**__import__("os").environ, "PYTHONPATH": str(here)})
+    assert done.returncode == 0, done.stderr
+    assert "lock0" in done.stdout and "lock1" in done.stdout
+    assert "leaked" not in done.stderr, done.stderr
