@@ -68,7 +68,7 @@ CASES = [
          sets=("model.path={work}/sft", "data.path={work}/pairs.jsonl",
                "train.output_dir={work}/judge", "train.batch_size=4", "train.micro_batch_size=2",
                "judge.eval_size=2")),
-    Case("train pairwise (critic, offloaded reference)",
+    Case("train pairwise (critic, ref. offload)",
          ("train", "pairwise", "{manifests}/pairwise_tiny.yaml"),
          train=True, sets=("model.path={work}/sft", "pairwise.judge={work}/judge",
                            "train.output_dir={work}/pairwise", "pairwise.critic=true",
@@ -191,7 +191,7 @@ def main() -> int:
         except subprocess.TimeoutExpired as e:
             rc, out, err = "timeout", e.stdout or "", e.stderr or ""
         seconds = time.perf_counter() - t0
-        line = f"{'ok  ' if rc == 0 else 'FAIL'} {case.name:28s} {seconds:6.1f} s"
+        line = f"{'ok  ' if rc == 0 else 'FAIL'} {case.name:38s} {seconds:6.1f} s"
         match = SUMMARY.search(out if isinstance(out, str) else "")
         if case.weights and match and rc == 0:
             tensors, gb, busy, where = match.groups()
