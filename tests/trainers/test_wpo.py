@@ -150,3 +150,17 @@ def test_resume_reproduces_the_uninterrupted_run(wpo, monkeypatch):
     assert curve(cut) == curve(full)
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_reference_kept_or_offloaded_gives_the_precomputed_run(wpo):
+    """`wpo.precompute_ref: false` keeps the reference model for every micro-batch, resident or
+    (`model.reference_offload`) read in for each one: both give the precomputed run's curve."""
+    args = ("train.max_steps=3", "train.log_steps=1")
+    runs = [curve(train_wpo(wpo(*args, *extra, out=f"run{k}"))) for k, extra in enumerate(
+        [(), ("wpo.precompute_ref=false",),
+         ("wpo.precompute_ref=false", "model.reference_offload=true")])]
+    assert runs[0][-1]["rewards/margins"] != 0
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert a.keys() == b.keys()
+            assert all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a), (a, b)
