@@ -310,12 +310,18 @@ class Checkpoint:
                                   f"{start + nbytes} bytes); it is truncated or was changed "
                                   "while being read, re-download it")
         base = start - start % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(fd, start + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+        try:
+            mapped = mmap.mmap(fd, start + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot map bytes {start}-{start + nbytes} "
+                                  f"({e.strerror or e}); check the disk or re-download the "
+                                  "file") from None
+        src = None
         try:
             src = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=start - base)
             out[:count].copy_(src)
-            del src  # the mapping closes only once nothing views it
         finally:
+            del src  # the mapping closes only once nothing views it
             mapped.close()
         return count
 
