@@ -11,6 +11,8 @@ losses) and calls this module around it:
     ref = run.load_reference()                # optional, after start: frozen starting policy
     with run.signals():                       # SIGINT/SIGTERM: checkpoint, then stop
         while run.step < run.max_steps:
+            with models.resident(ref) as r:   # an offloaded reference: for this pass only
+                ...                           # reference log-probs of the round
             for k, piece in enumerate(pieces):     # run.accumulation pieces per process
                 with run.accumulate(last=k == len(pieces) - 1):
                     run.backward(loss_of(piece))
@@ -198,7 +200,9 @@ class Run:
     def load_reference(self):
         """The frozen starting policy, called like a model: with LoRA the policy with its
         adapters off (call after `start`); under FSDP / ZeRO-3 a copy sharded like the
-        policy; else a copy on this process's device. None in a dry run."""
+        policy; with `model.reference_offload` one kept off the device between passes; else a
+        copy on this process's device. Use it through `models.resident(ref)`. None in a dry
+        run."""
         if self.dry_run:
             return None
         if self.config.model.lora is not None and not hasattr(self, "model"):
