@@ -262,13 +262,7 @@ class Checkpoint:
         or a new buffer (pinned with `pin`). A file that cannot be read or has become shorter
         than its header says is a CheckpointError naming it."""
         info = self.tensors[name]
-        shape = info.shape
-        start, nbytes = info.offset, info.nbytes
-        if rows is not None:
-            row_bytes = info.nbytes // shape[0] if shape[0] else 0
-            start += rows[0] * row_bytes
-            nbytes = (rows[1] - rows[0]) * row_bytes
-            shape = (rows[1] - rows[0],) + shape[1:]
+        start, nbytes, shape = self._extent(info, rows)
         buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) if out is None else \
             out[:nbytes]
         if self._fetch is not None:  # remote (header-only) checkpoint: HTTP range request
@@ -291,19 +285,14 @@ class Checkpoint:
         copied twice (a read then a widening); the file's size is checked first, since touching
         a mapping past its end would kill the process instead of raising."""
         info = self.tensors[name]
-        count = info.nbytes // info.dtype.itemsize
-        start = info.offset
-        if rows is not None:
-            per_row = count // info.shape[0] if info.shape[0] else 0
-            start += rows[0] * per_row * info.dtype.itemsize
-            count = (rows[1] - rows[0]) * per_row
+        start, nbytes, _ = self._extent(info, rows)
+        count = nbytes // info.dtype.itemsize
         if info.dtype == out.dtype:
             self.read(name, rows, out=out.view(torch.uint8))
             return count
         if self._fetch is not None or self._legacy is not None or count == 0:
             out[:count].copy_(self.read(name, rows).reshape(-1))
             return count
-        nbytes = count * info.dtype.itemsize
         fd = self._fd(info.file)
         if os.fstat(fd).st_size < start + nbytes:
             raise CheckpointError(f"{info.file}: file ended early (expected at least "
@@ -324,6 +313,15 @@ class Checkpoint:
             del src  # the mapping closes only once nothing views it
             mapped.close()
         return count
+
+    @staticmethod
+    def _extent(info, rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:
+        """(file offset, bytes, shape) of a tensor or of rows [r0, r1) of its first dimension."""
+        if rows is None:
+            return info.offset, info.nbytes, info.shape
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        return (info.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes,
+                (rows[1] - rows[0],) + tuple(info.shape[1:]))
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)

@@ -23,7 +23,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from . import models
 from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, VLLMConfig, require
 from .errors import TrainerConfigError
 from .rollout import (
@@ -31,10 +30,10 @@ from .rollout import (
     check_group_batch,
     check_iterations,
     check_rollout_params,
-    completion_logps,
     generate,
     length_metrics,
     load_prompts,
+    old_and_reference_logps,
     optimise,
     prompts_per_process,
     rollout_pieces,
@@ -271,15 +270,7 @@ def train_grpo(config: GRPOConfig, resume: str | None = None) -> Path:
             seeds = round_seeds(params, train.seed, round_index, mine, group)
             pieces, round_metrics, num_tokens = rollout(run, config, prompts, mine, reward_fns,
                                                         stops, seeds, sampler)
-            with models.resident(ref) as reference:  # an offloaded one: for this pass only
-                for piece in pieces:
-                    # π_old is needed only when the batch is reused; else logp.detach() is it.
-                    piece["old"] = completion_logps(run, run.model, piece, params.temperature,
-                                                    grad=False, chunk_size=chunk) \
-                        if mu > 1 else None
-                    piece["ref"] = completion_logps(run, reference, piece, params.temperature,
-                                                    grad=False, chunk_size=chunk) \
-                        if ref is not None else None
+            old_and_reference_logps(run, pieces, ref, params.temperature, mu, chunk)
             # ---- μ optimizer steps on this batch ------------------------------------------
             held = (lambda: evaluate(run, config, held_out, reward_fns, stops)) \
                 if held_out is not None else None

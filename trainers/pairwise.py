@@ -230,7 +230,7 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
     fmt = stored_format(params.judge)
     check_tokenizer(AutoTokenizer.from_pretrained(params.judge), fmt, "pairwise.judge")
     prompts, _ = rollout.load_prompts(config.data, params.max_prompt_length, run.tokenizer,
-                                   train.seed, run.accelerator, "pairwise")
+                                      train.seed, run.accelerator, "pairwise")
     anchors = reference_anchors(config, prompts.rows) if params.anchor == "reference" else None
     questions = [question_text(v) for v in prompts.values]
     prompts_per_step = train.batch_size // group
@@ -273,11 +273,11 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
             # ---- generation round: this process's prompts, G samples each, judged ----------
             t0 = time.perf_counter()
             round_ = run.step // mu
-            mine = rollout.round_prompts(run, train, config.data, len(prompts.rows), group, round_,
-                                      orders)
+            mine = rollout.round_prompts(run, train, config.data, len(prompts.rows), group,
+                                         round_, orders)
             seeds = rollout.round_seeds(params, train.seed, round_, mine, group)
-            completions, texts, gen_seconds, engine = rollout.generate(run, params, prompts, mine,
-                                                                    stops, seeds, sampler)
+            completions, texts, gen_seconds, engine = rollout.generate(
+                run, params, prompts, mine, stops, seeds, sampler)
             if params.anchor == "group":
                 members = group_anchor_members(mine, group, train.seed, round_)
                 against = [texts[k - k % group + members[k // group]] for k in range(len(mine))]
@@ -297,14 +297,7 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
                 info["sync_s"] = sampler.sync_s
             pieces = rollout.rollout_pieces(run, prompts, mine, completions, micro, engine,
                                          advantages=advantages[here], rewards=rewards[here])
-            with models.resident(ref) as reference:  # an offloaded one: for this pass only
-                for piece in pieces:
-                    piece["old"] = rollout.completion_logps(run, run.model, piece,
-                                                         params.temperature, False, chunk) \
-                        if mu > 1 else None
-                    piece["ref"] = rollout.completion_logps(run, reference, piece,
-                                                         params.temperature, False, chunk) \
-                        if ref is not None else None
+            rollout.old_and_reference_logps(run, pieces, ref, params.temperature, mu, chunk)
             if critic is not None:
                 prefixes = [critic_prefix(run.tokenizer, config.data, prompts.values[j], a, limit)
                             for j, a in zip(mine, against)]

@@ -250,6 +250,21 @@ def completion_logps(run, net, piece: dict, temperature: float, grad: bool,
                               chunk_size=chunk_size)
 
 
+def old_and_reference_logps(run, pieces: list[dict], ref, temperature: float,
+                            num_iterations: int, chunk_size: int | None = None) -> None:
+    """Set each piece's `old` (π_old, needed only when the batch is reused: μ > 1; else
+    logp.detach() is it) and `ref` (the reference's log-probs, None without a reference). An
+    offloaded reference is on the device for this pass only (`models.resident`)."""
+    from .models import resident
+
+    with resident(ref) as reference:
+        for piece in pieces:
+            piece["old"] = completion_logps(run, run.model, piece, temperature, False,
+                                            chunk_size) if num_iterations > 1 else None
+            piece["ref"] = completion_logps(run, reference, piece, temperature, False,
+                                            chunk_size) if reference is not None else None
+
+
 def policy_loss(run, params, piece: dict, num_pieces: int, num_sequences: int,
                 num_tokens: torch.Tensor, chunk_size: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
