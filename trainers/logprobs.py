@@ -55,13 +55,25 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return out
 
 
-def _norm(z: torch.Tensor, lse: torch.Tensor, alignment: str) -> torch.Tensor:
-    """WPO's per-token normaliser from a chunk's logits z and their log-sum-exp."""
-    if alignment == "sampled":  # log Σ π² = logsumexp(2z) − 2·logsumexp(z), one [c, V] temporary
-        return (z - lse[:, None]).mul_(2).exp_().sum(-1).log_()
-    if alignment == "greedy":
-        return z.max(dim=-1).values - lse
-    return torch.zeros_like(lse)
+def _chunk_stats(z: torch.Tensor, labels: torch.Tensor, alignment: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log-sum-exp, label logit, WPO normaliser) of a chunk's logits z [c, V], overwriting z.
+
+    log-sum-exp = m + log Σ e^(z−m) with m the row maximum, the exponentials taken in place
+    (`torch.logsumexp` allocates a second [c, V]); the normaliser of sampled alignment is
+    log Σ π² = log Σ e^(2(z−m)) − 2·log Σ e^(z−m), from the same exponentials squared in place;
+    greedy's is m − log-sum-exp. No other [c, V] temporary."""
+    picked = z.gather(-1, labels[:, None])[:, 0]
+    peak = z.amax(dim=-1)
+    z.sub_(peak[:, None]).exp_()
+    log_sum = z.sum(-1).log_()
+    lse = peak + log_sum
+    norm = None
+    if alignment == "sampled":
+        norm = z.square_().sum(-1).log_() - 2 * log_sum
+    elif alignment == "greedy":
+        norm = peak - lse
+    return lse, picked, norm
 
 
 class ChunkedLogprob(torch.autograd.Function):
@@ -85,11 +97,12 @@ class ChunkedLogprob(torch.autograd.Function):
         with _no_autocast(device_type):
             for s in range(0, hidden.shape[0], chunk):
                 z = _logits(hidden[s:s + chunk], w, bias, dtype, temperature)  # [c, V] fp32
-                lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-                logp[s:s + chunk] = z.gather(-1, labels[s:s + chunk, None])[:, 0] - \
-                    lse[s:s + chunk]
-                if alignment is not None:
-                    norms[s:s + chunk] = _norm(z, lse[s:s + chunk], alignment)
+                chunk_lse, picked, norm = _chunk_stats(z, labels[s:s + chunk], alignment)
+                del z  # before the next chunk's logits exist: one [c, V] at a time
+                lse[s:s + chunk] = chunk_lse
+                logp[s:s + chunk] = picked - chunk_lse
+                if norm is not None:
+                    norms[s:s + chunk] = norm
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.settings = (temperature, chunk, dtype)
         ctx.mark_non_differentiable(norms)
@@ -104,9 +117,13 @@ class ChunkedLogprob(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         wide = lse.dtype
         # the tied head of an unsharded policy (`models.sparse_tied_embedding_grad`) adds its
-        # gradient into the accumulated `.grad` in place: no second [V, H] buffer
+        # gradient into the accumulated `.grad` in place, made here at a step's first
+        # micro-batch: no second [V, H] buffer (returned, autograd would add the lookup's sparse
+        # gradient to it out of place, into a third)
         in_place = need_w and getattr(weight, "grad_in_place", False) and \
-            weight.grad is not None and weight.grad.dtype == wide
+            (weight.grad.dtype if weight.grad is not None else weight.dtype) == wide
+        if in_place and weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
         grad_w = weight.grad if in_place else \
             torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) \
@@ -127,6 +144,7 @@ class ChunkedLogprob(torch.autograd.Function):
                     grad_w.addmm_(dz.t(), h)  # in place: no second [V, H] per chunk
                 elif need_w:
                     grad_w += (dz.t() @ h.to(dtype)).to(wide)
+                del z, dz  # before the next chunk's logits exist: one [c, V] at a time
         return (grad_h, grad_w.to(weight.dtype) if need_w and not in_place else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
 
@@ -144,11 +162,13 @@ def _no_autocast(device_type: str):
 
 
 def _logits(h, w, bias, dtype, temperature) -> torch.Tensor:
+    """A chunk's logits in float32 (or wider), a fresh tensor the caller may overwrite; the bias
+    and temperature are applied in place (no second [c, V])."""
     z = h.to(dtype) @ w.t()
     if bias is not None:
-        z = z + bias.to(dtype)
+        z.add_(bias.to(dtype))
     z = z.to(torch.promote_types(z.dtype, torch.float32))
-    return z / temperature if temperature != 1.0 else z
+    return z.div_(temperature) if temperature != 1.0 else z
 
 
 def output_head(model):

@@ -133,8 +133,9 @@ def test_packed_rows_equal_separate_sequences(tiny_model):
 
 def test_tied_embedding_gradients_without_full_vocabulary_copies(tiny_model):
     """`models.sparse_tied_embedding_grad`: the lookup's gradient is sparse and the chunked head
-    adds into the accumulated `.grad` in place; over two accumulated micro-batches `.grad` is
-    dense and equals a plain copy's (dense lookup, whole logits) to fp32 rounding."""
+    adds into the accumulated `.grad` (made by the first micro-batch) in place, so autograd
+    only brings the lookup's sparse gradient to the weight; over two accumulated micro-batches
+    `.grad` is dense and equals a plain copy's (dense lookup, whole logits) to fp32 rounding."""
     from trainers import logprobs
     from trainers.models import sparse_tied_embedding_grad
 
@@ -150,17 +151,20 @@ def test_tied_embedding_gradients_without_full_vocabulary_copies(tiny_model):
             buffers.append(out)
         return out
 
+    arriving = []  # what autograd brings to the weight's accumulation: the lookup's alone
+    weight.register_hook(lambda grad: arriving.append(grad.layout))
     ids, attention, completion = _batch()
     for model, chunk in ((plain, 10 ** 9), (lean, 3)):
         for k in range(2):  # two micro-batches accumulate
-            logprobs.torch.zeros = counting_zeros if model is lean and k == 1 else real
+            logprobs.torch.zeros = counting_zeros if model is lean else real
             try:
                 out = token_logprobs(model, ids, attention, completion, start=3 + k,
                                      chunk_size=chunk)
                 (out * torch.linspace(-1.0, 2.0, out.numel()).view_as(out)).sum().backward()
             finally:
                 logprobs.torch.zeros = real
-    assert not buffers  # the second micro-batch's head gradient went straight into .grad
+    assert not buffers  # both micro-batches' head gradients went straight into .grad
+    assert arriving == [torch.sparse_coo] * 2  # no dense [V, H] sum made by autograd
     assert weight.grad.layout == torch.strided
     grads = dict(plain.named_parameters())
     for name, p in lean.named_parameters():
@@ -169,3 +173,63 @@ def test_tied_embedding_gradients_without_full_vocabulary_copies(tiny_model):
     untied = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
                                                   tie_word_embeddings=False)
     assert not sparse_tied_embedding_grad(untied) and not untied.get_input_embeddings().sparse
+
+
+def test_chunk_forward_equals_log_softmax_with_one_logits_buffer_per_chunk():
+    """ChunkedLogprob with a biased, tempered head: log-probs, both normalisers and gradients
+    equal plain autograd over whole logits (log_softmax), and the forward's ops make one [c, V]
+    tensor per chunk (the logits, then overwritten in place): no out-of-place bias, temperature
+    or normaliser, and no aten.logsumexp (its kernel allocates a second [c, V] of its own); in
+    forward and backward a chunk's logits are gone before the next chunk's exist."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from trainers.logprobs import ChunkedLogprob
+
+    g = torch.Generator().manual_seed(0)
+    n, d, v, chunk, tau = 7, 5, 11, 3, 0.7
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=g, dtype=torch.float64)
+    bias = torch.randn(v, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,), generator=g)
+    upstream = torch.randn(n, generator=g, dtype=torch.float64)
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    z = (leaves[0] @ leaves[1].t() + leaves[2]) / tau
+    logp = torch.log_softmax(z, -1)
+    want = logp.gather(-1, labels[:, None])[:, 0]
+    (want * upstream).sum().backward()
+    p = logp.detach().exp()
+    want_norm = {"sampled": torch.log((p * p).sum(-1)), "greedy": logp.detach().amax(-1),
+                 "none": torch.zeros(n, dtype=torch.float64)}
+
+    class Made(TorchDispatchMode):  # non-in-place ops whose output is a whole chunk's logits
+        def __init__(self):
+            super().__init__()
+            self.made, self.ops, self.alive, self.overlap = [], set(), [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops.add(func.__name__.split(".")[0])
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and tuple(out.shape) in ((chunk, v), (n % chunk, v)) \
+                    and out.untyped_storage().data_ptr() not in inputs:  # new, not a view
+                self.made.append(func.__name__)
+                self.overlap = max(self.overlap, sum(r() is not None for r in self.alive))
+                self.alive.append(weakref.ref(out))
+            return out
+
+    for alignment in ("sampled", "greedy", "none"):
+        mine = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        with Made() as mode:
+            got, norms = ChunkedLogprob.apply(*mine, labels, tau, chunk, alignment)
+        assert len(mode.made) == -(-n // chunk), (alignment, mode.made)
+        assert "logsumexp" not in mode.ops and mode.overlap == 0
+        torch.testing.assert_close(got, want.detach(), atol=1e-10, rtol=0)
+        torch.testing.assert_close(norms, want_norm[alignment], atol=1e-10, rtol=0)
+        with Made() as mode:
+            (got * upstream).sum().backward()
+        assert len(mode.made) == -(-n // chunk) and mode.overlap == 0, mode.made
+        for a, b in zip(mine, leaves):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=0)
