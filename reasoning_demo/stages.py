@@ -32,7 +32,7 @@ DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": ((), TASK_FIELDS),
     "base": (("data",), ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads",
                          "pretrain_steps", "pretrain_batch", "pretrain_lr",
-                         "pretrain_micro_batch")),
+                         "pretrain_micro_batch", "pretrain_threads")),
     "sft": (("base",), ("sft_steps", "sft_batch", "sft_lr")),
     "grpo": (("sft",), ("grpo_steps", "grpo_prompts", "grpo_group", "grpo_temperature",
                         "grpo_lr", "grpo_beta", "max_new_tokens")),
@@ -223,11 +223,14 @@ def make_base(ctx: Context) -> str:
         "data": {"path": str(ctx.data / "pretrain.jsonl"), "chat": False},
         "train": {**train_section(ctx, "base", r.pretrain_batch, r.pretrain_steps),
                   "micro_batch_size": min(r.pretrain_micro_batch, r.pretrain_batch),
-                  "sort_by_length": True},
+                  "sort_by_length": True, "num_threads": r.pretrain_threads},
         "optim": {"lr": r.pretrain_lr, "scheduler": "cosine", "warmup_ratio": 0.05,
                   "betas": [0.9, 0.99]},
         "sft": {"max_length": 256}})
-    run_tool("sft", cfg)
+    try:
+        run_tool("sft", cfg)
+    finally:  # the process's later stages keep the recipe's threads
+        torch.set_num_threads(r.threads)
     return (f"tokenizer of {len(tokenizer)} tokens; Qwen2 with {params / 1e6:.2f} M parameters "
             f"pretrained {r.pretrain_steps} steps ({cfg.relative_to(ctx.out)})")
 

@@ -208,6 +208,9 @@ def test_a_stage_rerun_by_hand_reproduces_the_demos_weights(quick_run, tmp_path)
 
     assert yaml.safe_load(config.read_text())["train"]["num_threads"] == \
         make_recipe(quick=True).threads
+    # the pretraining runs alone and takes both cores
+    pretrain = yaml.safe_load((out / "configs" / "pretrain.yaml").read_text())
+    assert pretrain["train"]["num_threads"] == make_recipe(quick=True).pretrain_threads == 2
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
