@@ -92,9 +92,10 @@ class Recipe:
         except ValueError as e:
             raise ConfigError(f"demo recipe: {e}; fix the --set value") from None
         self.alphas()
-        if self.sweep_items < 1:
-            raise ConfigError(f"demo recipe: sweep_items must be at least 1, got "
-                              f"{self.sweep_items}")
+        for name in ("sweep_items", "threads", "pretrain_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"demo recipe: {name} must be at least 1, got "
+                                  f"{getattr(self, name)}")
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True)

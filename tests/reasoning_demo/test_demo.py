@@ -156,6 +156,11 @@ def test_bad_recipe_override_is_one_line(tmp_path):
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "sweep_alphas '-1,x': 'x' is not a number" in result.output
     assert not (tmp_path / "o").exists()
+    result = CliRunner().invoke(main, ["demo", "--quick", "-o", str(tmp_path / "o"),
+                                       "--set", "pretrain_threads=0"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "pretrain_threads must be at least 1, got 0" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_changed_stage_reruns_with_what_depends_on_it(quick_run):
