@@ -146,13 +146,18 @@ def _work(out: Path, recipe: Recipe, quiet: bool, call: Callable[[Context], str 
 
 
 def setup_process(threads: int) -> None:
-    """What every process that runs stages sets first: torch's threads, quiet transformers."""
+    """What every process that runs stages sets first: torch's threads, quiet transformers, and
+    glibc's allocator kept from giving back and refaulting the tiny models' blocks (the
+    samplers and evaluations too; the trainers' configs say `train.cpu_malloc: cached`)."""
     import torch
     from transformers.utils import logging as hf_logging
+
+    from trainers.runtime import set_cpu_malloc
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(threads)
+    set_cpu_malloc("cached")
 
 
 def _init_worker(quiet: bool, threads: int) -> None:

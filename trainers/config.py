@@ -176,6 +176,10 @@ class TrainConfig:
     progress_bar: bool = True
     overwrite_output_dir: bool = False  # start afresh in a folder that holds an earlier run
     num_threads: int | None = None  # torch.set_num_threads at start; null: torch default
+    # glibc's allocator on the CPU (`runtime.set_cpu_malloc`): bounded gives freed blocks over
+    # 256 KiB back (lowest peak); cached keeps up to 32 MiB ones for reuse (no page-fault churn:
+    # ~1.8x the steps/s of small models; the process keeps its high-water mark)
+    cpu_malloc: Literal["bounded", "cached"] = "bounded"
     # SFT / WPO / judge: cut each step's micro-batches from its rows sorted by length (less
     # padding with micro_batch_size < batch_size; the batch and the maths stay the same)
     sort_by_length: bool = False

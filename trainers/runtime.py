@@ -61,27 +61,44 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-MMAP_THRESHOLD = 256 * 1024  # bytes: glibc's own default, kept fixed (see below)
+# glibc mallopt parameters
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+CPU_MALLOC = {
+    # glibc's defaults, kept fixed: blocks over 256 KiB are mapped and given back on free
+    "bounded": {M_MMAP_THRESHOLD: 256 * 1024, M_TRIM_THRESHOLD: 128 * 1024,
+                M_TOP_PAD: 128 * 1024},
+    # glibc's ceiling (32 MiB on 64-bit), and a heap whose top is neither trimmed nor regrown
+    # page by page: a freed block is reused without new page faults
+    "cached": {M_MMAP_THRESHOLD: 32 * 1024 * 1024, M_TRIM_THRESHOLD: 1024 ** 3,
+               M_TOP_PAD: 64 * 1024 * 1024},
+}
 
 
-def bound_host_fragmentation(device: torch.device) -> bool:
-    """Training on the CPU: fix glibc's mmap threshold at its 256 KiB default.
+def set_cpu_malloc(mode: str, device: torch.device | None = None) -> bool:
+    """Work on the CPU: tune glibc's allocator for the run (`train.cpu_malloc`).
 
-    glibc raises the threshold to the size of each large block freed (up to 32 MiB), after
-    which the per-step weight gradients and activations of 1-32 MiB come from the heap, whose
-    freed holes are not given back: the resident size creeps up by hundreds of MB over the first
-    steps (150 MB of peak at a 151,936-token vocabulary; `benchmarks/trainer_bench.py`) at no
-    gain in speed. A fixed threshold keeps such blocks mapped, so freeing one returns it. Left
-    alone when MALLOC_MMAP_THRESHOLD_ is set, off glibc, or on an accelerator. True if set."""
+    `bounded` fixes the mmap threshold at glibc's 256 KiB default. glibc otherwise raises it to
+    the size of each large block freed (up to 32 MiB), after which the per-step gradients and
+    activations of 1-32 MiB come from the heap, whose freed holes are not given back: the
+    resident size creeps up by hundreds of MB over the first steps (150 MB of peak at a
+    151,936-token vocabulary; `benchmarks/trainer_bench.py`). The price is a page fault per
+    page of every large block allocated, and a heap top given back and refaulted as it moves.
+    `cached` keeps blocks up to 32 MiB in a heap that is not trimmed: for small models, whose
+    steps allocate thousands of such blocks, that is half the step time spent in the kernel
+    saved (the demo's GRPO steps: 1.8x as fast), at the price of the high-water mark staying
+    resident. Left alone when the user tunes malloc (`MALLOC_ENV`, or glibc.malloc tunables),
+    off glibc, or on an accelerator. True if set."""
     import ctypes
     import ctypes.util
     import platform
 
-    if device.type != "cpu" or "MALLOC_MMAP_THRESHOLD_" in os.environ or \
-            platform.libc_ver()[0] != "glibc":
+    if (device is not None and device.type != "cpu") or platform.libc_ver()[0] != "glibc" or \
+            any(k in os.environ for k in MALLOC_ENV) or \
+            "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    return all([bool(libc.mallopt(param, value)) for param, value in CPU_MALLOC[mode].items()])
 
 
 def resolve_precision(train: TrainConfig, model: ModelConfig) -> str:

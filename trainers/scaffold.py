@@ -113,7 +113,7 @@ class Run:
         self.rank = self.accelerator.process_index
         self.device = self.accelerator.device
         self.shard = runtime.sharding(self.accelerator)
-        runtime.bound_host_fragmentation(self.device)
+        runtime.set_cpu_malloc(self.train.cpu_malloc, self.device)
         if config.model.reference_offload and self.shard in ("fsdp", "zero3"):
             raise TrainerConfigError(f"model.reference_offload: under {self.shard} the reference "
                                      "is sharded like the policy already; remove it")

@@ -216,6 +216,9 @@ def test_a_stage_rerun_by_hand_reproduces_the_demos_weights(quick_run, tmp_path)
     # the pretraining runs alone and takes both cores
     pretrain = yaml.safe_load((out / "configs" / "pretrain.yaml").read_text())
     assert pretrain["train"]["num_threads"] == make_recipe(quick=True).pretrain_threads == 2
+    # tiny models: glibc keeps their freed blocks (the same maths, no page-fault churn)
+    assert pretrain["train"]["cpu_malloc"] == "cached"
+    assert yaml.safe_load(config.read_text())["train"]["cpu_malloc"] == "cached"
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -96,3 +96,52 @@ def test_num_threads_is_applied_before_the_model(tiny_model, tmp_path):
         torch.set_num_threads(previous)
     with pytest.raises(TrainerConfigError, match="num_threads=0: expected a positive number"):
         load_config(SFTConfig, MANIFESTS / "sft_tiny.yaml", ["train.num_threads=0"])
+
+
+def test_cpu_malloc_tunes_glibc_and_leaves_a_users_tuning_alone(tiny_model, tmp_path,
+                                                                monkeypatch):
+    import ctypes
+    import platform
+
+    import torch
+
+    from trainers import runtime
+    from trainers.config import load_config
+    from trainers.scaffold import Run
+    from trainers.sft import SFTConfig
+
+    # the real glibc accepts both settings (mallopt returns 0 for a value it refuses)
+    if platform.libc_ver()[0] == "glibc":
+        assert runtime.set_cpu_malloc("cached") and runtime.set_cpu_malloc("bounded")
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                 "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*overrides):
+        calls.clear()
+        Run(load_config(SFTConfig, MANIFESTS / "sft_tiny.yaml", [
+            f"model.path={tiny_model}", f"train.output_dir={tmp_path / 'run'}",
+            "train.overwrite_output_dir=true", *overrides]), "sft")
+        return dict(calls)
+
+    # <malloc.h>: M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3
+    assert run() == {-3: 256 * 1024, -1: 128 * 1024, -2: 128 * 1024}  # glibc's defaults, fixed
+    assert run("train.cpu_malloc=cached") == {-3: 32 * 2**20, -1: 2**30, -2: 64 * 2**20}
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "0")  # the user's own tuning wins
+    assert run("train.cpu_malloc=cached") == {}
+    monkeypatch.delenv("MALLOC_TOP_PAD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert run() == {}
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert not runtime.set_cpu_malloc("cached", torch.device("cuda")) and calls == []
+    with pytest.raises(TrainerConfigError, match="cpu_malloc=fast: expected one of bounded, cached"):
+        load_config(SFTConfig, MANIFESTS / "sft_tiny.yaml", ["train.cpu_malloc=fast"])
