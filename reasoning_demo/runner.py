@@ -128,11 +128,14 @@ def _result(future, running: list[str]) -> tuple[str | None, float]:
 def _stop(pool, others: set) -> None:
     """Stop the workers now, stages still running included (their half-written outputs are
     removed when a rerun starts them again): shutdown alone would wait for the running stages
-    to finish, and a pool broken by a dead worker no longer knows its other processes."""
+    to finish, and a pool broken by a dead worker no longer knows its other processes. They
+    are killed, not terminated: a trainer takes SIGTERM as "checkpoint, then stop" and runs on,
+    and a worker that survives its siblings can wait forever for the pool's queue lock that one
+    of them held when it died."""
     import multiprocessing
 
     for process in set(multiprocessing.active_children()) - others:
-        process.terminate()
+        process.kill()
     pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -111,6 +111,30 @@ def worker_sleeps(ctx) -> None:
     time.sleep(120)
 
 
+def worker_keeps_running_on_sigterm(ctx) -> None:
+    """A demo job that, as a trainer does, takes SIGTERM as "checkpoint, then stop" and goes on
+    meanwhile (here: for two minutes); it says it is ready in OUT/handler_set."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    (ctx.out / "handler_set").write_text("1")
+    time.sleep(120)
+
+
+def worker_fails_once_the_other_runs(ctx) -> None:
+    """A demo job with a user error, raised once `worker_keeps_running_on_sigterm` is ready."""
+    import time
+
+    from mergekit_rl.errors import ConfigError
+
+    for _ in range(600):
+        if (ctx.out / "handler_set").exists():
+            break
+        time.sleep(0.05)
+    raise ConfigError("bad stage: fix its config")
+
+
 def worker_locks(ctx) -> str:
     """A demo job that makes a multiprocessing lock in its worker, as tqdm does for its bars (the
     resource tracker warns at exit about any a terminated worker left)."""

@@ -5,7 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers import worker_dies, worker_sleeps
+from helpers import (
+    worker_dies,
+    worker_fails_once_the_other_runs,
+    worker_keeps_running_on_sigterm,
+    worker_sleeps,
+)
 
 from mergekit_rl.errors import ConfigError
 from reasoning_demo.recipe import make_recipe
@@ -24,6 +29,21 @@ def test_a_killed_worker_is_one_error_and_stops_the_other_stage(tmp_path):
         list(run_jobs(stages, jobs, Context(tmp_path, recipe, True), workers=2))
     assert time.perf_counter() - t0 < 60  # the sleeping stage was stopped, not waited for
     assert "victim" not in stages.done and "sleeper" not in stages.done
+
+
+def test_a_failed_stage_stops_a_stage_that_takes_sigterm_as_a_checkpoint(tmp_path):
+    # A trainer catches SIGTERM to checkpoint and stop at its next step: the demo's stop kills,
+    # or it would wait for that stage (and hang when the worker it terminated held the pool's
+    # queue lock, which the survivor then waits for forever)
+    recipe = make_recipe(quick=True)
+    stages = Stages(tmp_path, recipe)
+    jobs = [Job("trainer", ("trained",), ((), ()), worker_keeps_running_on_sigterm),
+            Job("bad", ("never",), ((), ()), worker_fails_once_the_other_runs)]
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="bad stage: fix its config"):
+        list(run_jobs(stages, jobs, Context(tmp_path, recipe, True), workers=2))
+    assert time.perf_counter() - t0 < 60  # the running stage was stopped, not waited for
+    assert "bad" not in stages.done and "trainer" not in stages.done
 
 
 def test_workers_that_finish_exit_cleanly(tmp_path):
