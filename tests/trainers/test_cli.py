@@ -111,7 +111,7 @@ def test_cpu_malloc_tunes_glibc_and_leaves_a_users_tuning_alone(tiny_model, tmp_
     from trainers.sft import SFTConfig
 
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                 "GLIBC_TUNABLES"):  # (`make test` sets the first three)
+                 "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
     # the real glibc accepts both settings (mallopt returns 0 for a value it refuses)
     if platform.libc_ver()[0] == "glibc":
