@@ -51,9 +51,12 @@ def report(run) -> str:
     optimizer = 2 * trainable * master / (world if sharded else 1)  # AdamW: two moments
     reference = total * weight_bytes / split if plan.get("reference") and not lora else 0
     tokens = plan.get("sequences_per_micro", micro) * plan.get("sequence_length", 0)
-    chunk = model_cfg.lm_head_chunk_size or max(1, logprobs.CHUNK_ELEMENTS // vocab)
+    plain = model_cfg.lm_head_chunk_size or max(1, logprobs.CHUNK_ELEMENTS // vocab)
+    chunk = min(tokens, model_cfg.lm_head_chunk_size or logprobs.TOKEN_CHUNK)
+    block = min(vocab, max(1, logprobs.TILE_ELEMENTS // max(chunk, 1)))
     whole = tokens * vocab * 4
-    logits = min(tokens, chunk) * vocab * 4 * 3  # the chunk's logits, softmax/grad, a cast
+    # the plain path: the logits, softmax/grad, a cast; the tiled head: one tile and a cast
+    logits = tokens * vocab * 4 * 3 if tokens <= plain else chunk * block * 4 * 2
     parts = [("weights", weights), ("gradients", grads), ("optimizer (AdamW)", optimizer)]
     if reference and not model_cfg.reference_offload:
         parts.append(("reference copy", reference))
@@ -63,10 +66,10 @@ def report(run) -> str:
                  + f"; total {_gb(sum(v for _, v in parts))} + activations")
     if tokens:
         lines.append(f"  logits: {tokens:,} tokens per micro-batch x {vocab:,}; whole in "
-                     f"float32 they would be {_gb(whole)}, the head runs in chunks of "
-                     f"{chunk:,} tokens" if tokens > chunk else
-                     f"  logits: {tokens:,} tokens per micro-batch x {vocab:,} fit in one "
-                     f"chunk ({_gb(whole)} in float32)")
+                     f"float32 they would be {_gb(whole)}, the head runs in tiles of "
+                     f"{chunk:,} tokens x {block:,} vocabulary rows" if tokens > plain else
+                     f"  logits: {tokens:,} tokens per micro-batch x {vocab:,} are taken whole "
+                     f"({_gb(whole)} in float32)")
     if reference and model_cfg.reference_offload:
         lines.append(f"  reference: offloaded (model.reference_offload); its {_gb(reference)} are "
                      "on the device only during its log-prob passes, when there are no gradients")

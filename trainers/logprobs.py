@@ -2,13 +2,15 @@
 
 `log π(y_t | x, y_<t)` is read from the logits at position t-1. Only the positions from the
 first completion token on go through the LM head (`logits_to_keep`). When those logits would be
-larger than one chunk (`CHUNK_ELEMENTS`, 64 MiB of float32; at Qwen2.5's 151,936-token vocabulary
-110 tokens), the head runs in token chunks inside the model's own forward (so under FSDP
-its weights are whole there) through `ChunkedLogprob`, which keeps per token only the log-sum-exp
-and recomputes each chunk's logits in backward: neither the [B, T, V] logits nor their float32
-copy ever exists whole. Smaller batches take the plain path (one chunk would hold them all).
+larger than `CHUNK_ELEMENTS` (16 MiB of float32; at Qwen2.5's 151,936-token vocabulary 27
+tokens), the head runs inside the model's own forward (so under FSDP its weights are whole
+there) through `ChunkedLogprob`: in chunks of up to `TOKEN_CHUNK` tokens, each by tiles of a
+block of vocabulary rows (`TILE_ELEMENTS`, 8 MiB of float32 logits), with an online
+log-sum-exp, so each chunk reads the head once and only a tile's logits exist at a time; per
+token only the log-sum-exp is kept, and backward recomputes each tile's logits. Neither the
+[B, T, V] logits nor their float32 copy ever exists whole. Smaller batches take the plain path.
 
-WPO's alignment normaliser is taken on the same chunk: `log Σ_v π(v)² = logsumexp(2z) −
+WPO's alignment normaliser is taken on the same tiles: `log Σ_v π(v)² = logsumexp(2z) −
 2·logsumexp(z)` (sampled) or `max z − logsumexp(z)` (greedy), detached.
 
 The step code passes `start` (the first completion column, a host-side int the collate step
@@ -25,7 +27,9 @@ import torch
 log = logging.getLogger(__name__)
 
 ROW_BLOCK = 8  # sequences per log-softmax block of the plain path
-CHUNK_ELEMENTS = 2 ** 24  # logits per LM-head chunk: 64 MiB in float32
+CHUNK_ELEMENTS = 2 ** 22  # logits the plain path may hold whole: 16 MiB in float32
+TOKEN_CHUNK = 2048  # tokens per chunk of the tiled LM head (each chunk reads the head once)
+TILE_ELEMENTS = 2 ** 21  # logits per tile of the tiled LM head: 8 MiB in float32
 # Config fields of models whose forward changes the head's output (softcapping, scaling): the
 # chunked head would bypass that, so such models take the plain path.
 POSTPROCESSED = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -55,67 +59,83 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return out
 
 
-def _chunk_stats(z: torch.Tensor, labels: torch.Tensor, alignment: str | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(log-sum-exp, label logit, WPO normaliser) of a chunk's logits z [c, V], overwriting z.
-
-    log-sum-exp = m + log Σ e^(z−m) with m the row maximum, the exponentials taken in place
-    (`torch.logsumexp` allocates a second [c, V]); the normaliser of sampled alignment is
-    log Σ π² = log Σ e^(2(z−m)) − 2·log Σ e^(z−m), from the same exponentials squared in place;
-    greedy's is m − log-sum-exp. No other [c, V] temporary."""
-    picked = z.gather(-1, labels[:, None])[:, 0]
-    peak = z.amax(dim=-1)
+def _tile_stats(z: torch.Tensor, labels: torch.Tensor, lo: int, state: dict,
+                alignment: str | None) -> None:
+    """Fold a tile's logits z [c, b] (vocabulary rows lo .. lo+b) into a token chunk's running
+    statistics, overwriting z: the running maximum m, Σ e^(z−m) (and Σ e^(2(z−m)) for sampled
+    alignment, from the same exponentials squared in place), and the label's logit where the
+    label falls in the tile. An online log-sum-exp: each tile rescales the sums by e^(m_old −
+    m_new). No other [c, b] temporary (`torch.logsumexp` would make a second)."""
+    local = labels - lo
+    inside = (local >= 0) & (local < z.shape[1])
+    picked = z.gather(-1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+    state["picked"] = torch.where(inside, picked, state["picked"])
+    peak = torch.maximum(state["peak"], z.amax(dim=-1))
+    rescale = (state["peak"] - peak).exp_()  # 0 at the first tile (its old peak is −inf)
     z.sub_(peak[:, None]).exp_()
-    log_sum = z.sum(-1).log_()
-    lse = peak + log_sum
-    norm = None
+    state["sum"] = state["sum"] * rescale + z.sum(-1)
     if alignment == "sampled":
-        norm = z.square_().sum(-1).log_() - 2 * log_sum
-    elif alignment == "greedy":
-        norm = peak - lse
-    return lse, picked, norm
+        state["sum2"] = state["sum2"] * rescale.square_() + z.square_().sum(-1)
+    state["peak"] = peak
 
 
 class ChunkedLogprob(torch.autograd.Function):
-    """logp[n] = log_softmax(h[n] Wᵀ + b)[y[n]] / τ-tempered, token chunks of `chunk` rows.
+    """logp[n] = log_softmax(h[n] Wᵀ + b)[y[n]] / τ-tempered, in tiles of `chunk` tokens by
+    `block` vocabulary rows (None: `TILE_ELEMENTS` per tile).
 
-    Saves h, W and the per-token log-sum-exp; backward recomputes each chunk's logits:
-    ∂logp/∂z = onehot(y) − softmax(z), so ∂h = g·(onehot − p)·W/τ and ∂W = Σ g·(onehot − p)ᵀh/τ.
-    Under autocast the matmuls run in the autocast dtype, the softmax in float32 (or wider).
+    Each token chunk reads the head once, a block of rows at a time, and keeps per token only a
+    running log-sum-exp (`_tile_stats`); backward recomputes each tile's logits:
+    ∂logp/∂z = onehot(y) − softmax(z), so ∂h = g·(onehot − p)·W/τ and ∂W = Σ g·(onehot − p)ᵀh/τ,
+    the rows of ∂W a tile at a time. Under autocast the matmuls run in the autocast dtype (a
+    block of the head cast at a time), the softmax in float32 (or wider).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, chunk, alignment):
+    def forward(ctx, hidden, weight, bias, labels, temperature, chunk, alignment, block=None):
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) \
             else weight.dtype
-        w = weight.to(dtype)
         wide = torch.promote_types(dtype, torch.float32)  # the softmax's dtype
+        block = block or max(1, TILE_ELEMENTS // max(1, min(chunk, hidden.shape[0])))
+        vocab = weight.shape[0]
         logp = torch.empty(labels.shape, dtype=wide, device=hidden.device)
         lse = torch.empty_like(logp)
         norms = torch.zeros_like(logp)
         with _no_autocast(device_type):
             for s in range(0, hidden.shape[0], chunk):
-                z = _logits(hidden[s:s + chunk], w, bias, dtype, temperature)  # [c, V] fp32
-                chunk_lse, picked, norm = _chunk_stats(z, labels[s:s + chunk], alignment)
-                del z  # before the next chunk's logits exist: one [c, V] at a time
+                h, y = hidden[s:s + chunk].to(dtype), labels[s:s + chunk]
+                state = {"peak": torch.full(y.shape, float("-inf"), dtype=wide,
+                                            device=h.device)}
+                state["sum"] = torch.zeros_like(state["peak"])
+                state["sum2"] = torch.zeros_like(state["peak"])
+                state["picked"] = torch.zeros_like(state["peak"])
+                for lo in range(0, vocab, block):
+                    z = _logits(h, weight[lo:lo + block],
+                                None if bias is None else bias[lo:lo + block], dtype,
+                                temperature)  # [c, b] in float32
+                    _tile_stats(z, y, lo, state, alignment)
+                    del z  # before the next tile's logits exist: one [c, b] at a time
+                log_sum = state["sum"].log()
+                chunk_lse = state["peak"] + log_sum
                 lse[s:s + chunk] = chunk_lse
-                logp[s:s + chunk] = picked - chunk_lse
-                if norm is not None:
-                    norms[s:s + chunk] = norm
+                logp[s:s + chunk] = state["picked"] - chunk_lse
+                if alignment == "sampled":  # log Σ π² = log Σ e^(2(z−m)) − 2·log Σ e^(z−m)
+                    norms[s:s + chunk] = state["sum2"].log() - 2 * log_sum
+                elif alignment == "greedy":  # log max π
+                    norms[s:s + chunk] = state["peak"] - chunk_lse
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.settings = (temperature, chunk, dtype)
+        ctx.settings = (temperature, chunk, block, dtype)
         ctx.mark_non_differentiable(norms)
         return logp, norms
 
     @staticmethod
     def backward(ctx, grad_logp, grad_norms):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        temperature, chunk, dtype = ctx.settings
+        temperature, chunk, block, dtype = ctx.settings
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        w = weight.to(dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         wide = lse.dtype
+        vocab = weight.shape[0]
         # the tied head of an unsharded policy (`models.sparse_tied_embedding_grad`) adds its
         # gradient into the accumulated `.grad` in place, made here at a step's first
         # micro-batch: no second [V, H] buffer (returned, autograd would add the lookup's sparse
@@ -130,23 +150,34 @@ class ChunkedLogprob(torch.autograd.Function):
             if need_b and bias is not None else None
         with _no_autocast(hidden.device.type):
             for s in range(0, hidden.shape[0], chunk):
-                h = hidden[s:s + chunk]
+                h, y = hidden[s:s + chunk], labels[s:s + chunk]
                 g = grad_logp[s:s + chunk, None].to(wide) / temperature  # [c, 1]
-                z = _logits(h, w, bias, dtype, temperature)
-                dz = z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)  # −g·softmax, in place
-                dz.scatter_add_(-1, labels[s:s + chunk, None], g)  # + g at the label
-                if grad_b is not None:
-                    grad_b += dz.sum(0)
-                dz = dz.to(dtype)
+                h_low = h.to(dtype)
+                gh = torch.zeros(h.shape, dtype=wide, device=h.device) if need_h else None
+                for lo in range(0, vocab, block):
+                    w = weight[lo:lo + block].to(dtype)
+                    z = _logits(h_low, w, None if bias is None else bias[lo:lo + block], dtype,
+                                temperature)
+                    dz = z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)  # −g·softmax, in place
+                    local = y - lo
+                    inside = (local >= 0) & (local < z.shape[1])
+                    dz.scatter_add_(-1, local.clamp(0, z.shape[1] - 1)[:, None],
+                                    g * inside[:, None])  # + g at the label
+                    if grad_b is not None:
+                        grad_b[lo:lo + block] += dz.sum(0)
+                    dz = dz.to(dtype)
+                    if need_h:
+                        gh += dz @ w
+                    if need_w and dtype == wide:
+                        grad_w[lo:lo + block].addmm_(dz.t(), h)  # in place: no second tile
+                    elif need_w:
+                        grad_w[lo:lo + block] += (dz.t() @ h_low).to(wide)
+                    del z, dz  # before the next tile's logits exist: one [c, b] at a time
                 if need_h:
-                    grad_h[s:s + chunk] = (dz @ w).to(hidden.dtype)
-                if need_w and dtype == wide:
-                    grad_w.addmm_(dz.t(), h)  # in place: no second [V, H] per chunk
-                elif need_w:
-                    grad_w += (dz.t() @ h.to(dtype)).to(wide)
-                del z, dz  # before the next chunk's logits exist: one [c, V] at a time
+                    grad_h[s:s + chunk] = gh.to(hidden.dtype)
         return (grad_h, grad_w.to(weight.dtype) if need_w and not in_place else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None,
+                None)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -164,7 +195,7 @@ def _no_autocast(device_type: str):
 def _logits(h, w, bias, dtype, temperature) -> torch.Tensor:
     """A chunk's logits in float32 (or wider), a fresh tensor the caller may overwrite; the bias
     and temperature are applied in place (no second [c, V])."""
-    z = h.to(dtype) @ w.t()
+    z = h.to(dtype) @ w.to(dtype).t()
     if bias is not None:
         z.add_(bias.to(dtype))
     z = z.to(torch.promote_types(z.dtype, torch.float32))
@@ -213,7 +244,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     taken against the distribution the completions were sampled from. `attention_mask` None
     with `position_ids` that restart is a packed batch (attention stays inside each example).
     With `alignment` ("sampled", "greedy", "none") also returns WPO's detached per-position
-    normaliser [B, T]. `chunk_size`: tokens per LM-head chunk (default from CHUNK_ELEMENTS).
+    normaliser [B, T]. `chunk_size`: tokens per LM-head chunk (default `TOKEN_CHUNK`, and the
+    plain path while the whole logits fit in `CHUNK_ELEMENTS`).
     """
     batch, length = input_ids.shape
     if completion_mask is None:
@@ -230,11 +262,13 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     keep = length - start + 1  # logits at positions start-1 .. T-1 (the last is dropped)
     labels = input_ids[:, start:]
     head = output_head(model)
-    chunk = chunk_size or (max(1, CHUNK_ELEMENTS // head.out_features) if head is not None
+    # the plain path while its whole logits are small (or up to `chunk_size` tokens)
+    plain = chunk_size or (max(1, CHUNK_ELEMENTS // head.out_features) if head is not None
                            else 0)
+    chunk = chunk_size or TOKEN_CHUNK
     call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=keep, use_cache=False)
-    if head is not None and batch * keep > chunk:
+    if head is not None and batch * keep > plain:
         padded = torch.cat([labels, labels[:, :1]], 1)  # the last position predicts nothing
         with chunked_head(head, padded, temperature, chunk, alignment):
             both = model(**call).logits[:, :-1]  # [B, T-start, 2]

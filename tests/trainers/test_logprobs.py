@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -176,11 +178,12 @@ def test_tied_embedding_gradients_without_full_vocabulary_copies(tiny_model):
 
 
 def test_chunk_forward_equals_log_softmax_with_one_logits_buffer_per_chunk():
-    """ChunkedLogprob with a biased, tempered head: log-probs, both normalisers and gradients
-    equal plain autograd over whole logits (log_softmax), and the forward's ops make one [c, V]
-    tensor per chunk (the logits, then overwritten in place): no out-of-place bias, temperature
-    or normaliser, and no aten.logsumexp (its kernel allocates a second [c, V] of its own); in
-    forward and backward a chunk's logits are gone before the next chunk's exist."""
+    """ChunkedLogprob with a biased, tempered head, whole-vocabulary tiles and tiles of 4 of the
+    11 rows (an online log-sum-exp): log-probs, both normalisers and gradients equal plain
+    autograd over whole logits (log_softmax), and the ops make one [c, b] tensor per tile (the
+    logits, then overwritten in place): no out-of-place bias, temperature or normaliser, and no
+    aten.logsumexp (its kernel allocates a second tile of its own); in forward and backward a
+    tile's logits are gone before the next tile's exist."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -213,23 +216,26 @@ def test_chunk_forward_equals_log_softmax_with_one_logits_buffer_per_chunk():
             out = func(*args, **(kwargs or {}))
             self.ops.add(func.__name__.split(".")[0])
             inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-            if isinstance(out, torch.Tensor) and tuple(out.shape) in ((chunk, v), (n % chunk, v)) \
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and \
+                    out.shape[0] in (chunk, n % chunk) and out.shape[1] in (b, v % b) \
                     and out.untyped_storage().data_ptr() not in inputs:  # new, not a view
                 self.made.append(func.__name__)
                 self.overlap = max(self.overlap, sum(r() is not None for r in self.alive))
                 self.alive.append(weakref.ref(out))
             return out
 
-    for alignment in ("sampled", "greedy", "none"):
+    for block, alignment in itertools.product((None, 4), ("sampled", "greedy", "none")):
+        b = block or v
+        tiles = -(-n // chunk) * -(-v // b)
         mine = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
         with Made() as mode:
-            got, norms = ChunkedLogprob.apply(*mine, labels, tau, chunk, alignment)
-        assert len(mode.made) == -(-n // chunk), (alignment, mode.made)
+            got, norms = ChunkedLogprob.apply(*mine, labels, tau, chunk, alignment, block)
+        assert len(mode.made) == tiles, (alignment, mode.made)
         assert "logsumexp" not in mode.ops and mode.overlap == 0
         torch.testing.assert_close(got, want.detach(), atol=1e-10, rtol=0)
         torch.testing.assert_close(norms, want_norm[alignment], atol=1e-10, rtol=0)
         with Made() as mode:
             (got * upstream).sum().backward()
-        assert len(mode.made) == -(-n // chunk) and mode.overlap == 0, mode.made
+        assert len(mode.made) == tiles and mode.overlap == 0, mode.made
         for a, b in zip(mine, leaves):
             torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=0)
