@@ -33,10 +33,13 @@ ru_maxrss from `os.wait4` (the whole process, imports included). Runs alternate 
 ours, ...) because timings on these 2-core machines drift ±30-60%: compare ratios taken in one
 invocation. `--lora R` adds our run with LoRA adapters of rank R on every linear layer.
 
-    .venv/bin/python benchmarks/trainer_bench.py --size qwen --vocab 151936 \\
+    /tmp/oursvenv/bin/python benchmarks/trainer_bench.py --size qwen --vocab 151936 \\
         --trl-python /tmp/trlvenv/bin/python --steps 6 --repeats 3 --threads 1 --lora 16
-    (side venv: python3 -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch==2.13.0 \\
-     trl==1.16.0)
+    (side venvs, each with what a user of that side installs: python3 -m venv /tmp/trlvenv &&
+     /tmp/trlvenv/bin/pip install torch==2.13.0 trl==1.16.0; python3 -m venv /tmp/oursvenv &&
+     /tmp/oursvenv/bin/pip install torch==2.13.0 -e '.[peft]'. Our side runs on the driver's
+     python: from .venv, the dev extras' scipy and Pillow, which TRL's venv lacks, are imported
+     by transformers.modeling_utils and add about 40 MB to our peak.)
 
 The driver imports no torch (a fat parent would inflate the children's ru_maxrss); the runs
 are subprocesses of this file (`--_build`, `--_ours`, `--_trl`, with `--bench grpo|wpo`).

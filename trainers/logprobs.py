@@ -5,10 +5,11 @@ first completion token on go through the LM head (`logits_to_keep`). When those 
 larger than `CHUNK_ELEMENTS` (16 MiB of float32; at Qwen2.5's 151,936-token vocabulary 27
 tokens), the head runs inside the model's own forward (so under FSDP its weights are whole
 there) through `ChunkedLogprob`: in chunks of up to `TOKEN_CHUNK` tokens, each by tiles of a
-block of vocabulary rows (`TILE_ELEMENTS`, 8 MiB of float32 logits), with an online
-log-sum-exp, so each chunk reads the head once and only a tile's logits exist at a time; per
-token only the log-sum-exp is kept, and backward recomputes each tile's logits. Neither the
-[B, T, V] logits nor their float32 copy ever exists whole. Smaller batches take the plain path.
+block of vocabulary rows (`tile_elements`: 8 MiB of float32 logits on the CPU, 64 MiB on an
+accelerator), with an online log-sum-exp, so each chunk reads the head once and only a tile's
+logits exist at a time; per token only the log-sum-exp is kept, and backward recomputes each
+tile's logits. Neither the [B, T, V] logits nor their float32 copy ever exists whole. Smaller
+batches take the plain path.
 
 WPO's alignment normaliser is taken on the same tiles: `log Σ_v π(v)² = logsumexp(2z) −
 2·logsumexp(z)` (sampled) or `max z − logsumexp(z)` (greedy), detached.
@@ -29,7 +30,14 @@ log = logging.getLogger(__name__)
 ROW_BLOCK = 8  # sequences per log-softmax block of the plain path
 CHUNK_ELEMENTS = 2 ** 22  # logits the plain path may hold whole: 16 MiB in float32
 TOKEN_CHUNK = 2048  # tokens per chunk of the tiled LM head (each chunk reads the head once)
-TILE_ELEMENTS = 2 ** 21  # logits per tile of the tiled LM head: 8 MiB in float32
+# logits per tile of the tiled LM head: 8 MiB of float32 on the CPU (lean, cache-sized), 64 MiB
+# on an accelerator (fewer, larger matmuls and kernel launches)
+TILE_ELEMENTS = 2 ** 21
+ACCELERATOR_TILE_ELEMENTS = 2 ** 24
+
+
+def tile_elements(device_type: str) -> int:
+    return TILE_ELEMENTS if device_type == "cpu" else ACCELERATOR_TILE_ELEMENTS
 # Config fields of models whose forward changes the head's output (softcapping, scaling): the
 # chunked head would bypass that, so such models take the plain path.
 POSTPROCESSED = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -81,7 +89,7 @@ def _tile_stats(z: torch.Tensor, labels: torch.Tensor, lo: int, state: dict,
 
 class ChunkedLogprob(torch.autograd.Function):
     """logp[n] = log_softmax(h[n] Wᵀ + b)[y[n]] / τ-tempered, in tiles of `chunk` tokens by
-    `block` vocabulary rows (None: `TILE_ELEMENTS` per tile).
+    `block` vocabulary rows (None: `tile_elements` logits per tile).
 
     Each token chunk reads the head once, a block of rows at a time, and keeps per token only a
     running log-sum-exp (`_tile_stats`); backward recomputes each tile's logits:
@@ -96,7 +104,7 @@ class ChunkedLogprob(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) \
             else weight.dtype
         wide = torch.promote_types(dtype, torch.float32)  # the softmax's dtype
-        block = block or max(1, TILE_ELEMENTS // max(1, min(chunk, hidden.shape[0])))
+        block = block or max(1, tile_elements(device_type) // max(1, min(chunk, hidden.shape[0])))
         vocab = weight.shape[0]
         logp = torch.empty(labels.shape, dtype=wide, device=hidden.device)
         lse = torch.empty_like(logp)
