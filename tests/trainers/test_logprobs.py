@@ -239,3 +239,31 @@ def test_chunk_forward_equals_log_softmax_with_one_logits_buffer_per_chunk():
         assert len(mode.made) == tiles and mode.overlap == 0, mode.made
         for a, b in zip(mine, leaves):
             torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=0)
+
+
+def test_tiles_under_bf16_autocast_match_bf16_matmuls_with_a_float32_softmax():
+    """Under autocast the tiles cast a block of the head at a time: the result is that of bf16
+    matmuls and a float32 log-softmax over whole logits (values and gradients, to bf16
+    rounding), and the gradients come back in the leaves' float32."""
+    from trainers.logprobs import ChunkedLogprob
+
+    g = torch.Generator().manual_seed(1)
+    n, d, v, tau = 9, 8, 13, 0.9
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    upstream = torch.randn(n, generator=g)
+
+    h_ref, w_ref = (t.clone().requires_grad_() for t in (hidden, weight))
+    z = (h_ref.bfloat16() @ w_ref.bfloat16().t()).float() / tau
+    want = torch.log_softmax(z, -1).gather(-1, labels[:, None])[:, 0]
+    (want * upstream).sum().backward()
+
+    h, w = (t.clone().requires_grad_() for t in (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = ChunkedLogprob.apply(h, w, None, labels, tau, 4, "none", 5)
+    (got * upstream).sum().backward()
+    assert got.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(w.grad, w_ref.grad, atol=2e-2, rtol=2e-2)
