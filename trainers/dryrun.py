@@ -51,9 +51,9 @@ def report(run) -> str:
     optimizer = 2 * trainable * master / (world if sharded else 1)  # AdamW: two moments
     reference = total * weight_bytes / split if plan.get("reference") and not lora else 0
     tokens = plan.get("sequences_per_micro", micro) * plan.get("sequence_length", 0)
-    plain = model_cfg.lm_head_chunk_size or max(1, logprobs.CHUNK_ELEMENTS // vocab)
+    plain = logprobs.plain_tokens(vocab, model_cfg.lm_head_chunk_size)
     chunk = min(tokens, model_cfg.lm_head_chunk_size or logprobs.TOKEN_CHUNK)
-    block = min(vocab, max(1, logprobs.tile_elements(run.device.type) // max(chunk, 1)))
+    block = min(vocab, logprobs.tile_rows(chunk, tokens, run.device.type))
     whole = tokens * vocab * 4
     # the plain path: the logits, softmax/grad, a cast; the tiled head: one tile and a cast
     logits = tokens * vocab * 4 * 3 if tokens <= plain else chunk * block * 4 * 2

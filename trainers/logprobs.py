@@ -5,7 +5,7 @@ first completion token on go through the LM head (`logits_to_keep`). When those 
 larger than `CHUNK_ELEMENTS` (16 MiB of float32; at Qwen2.5's 151,936-token vocabulary 27
 tokens), the head runs inside the model's own forward (so under FSDP its weights are whole
 there) through `ChunkedLogprob`: in chunks of up to `TOKEN_CHUNK` tokens, each by tiles of a
-block of vocabulary rows (`tile_elements`: 8 MiB of float32 logits on the CPU, 64 MiB on an
+block of vocabulary rows (`tile_rows`: 8 MiB of float32 logits on the CPU, 64 MiB on an
 accelerator), with an online log-sum-exp, so each chunk reads the head once and only a tile's
 logits exist at a time; per token only the log-sum-exp is kept, and backward recomputes each
 tile's logits. Neither the [B, T, V] logits nor their float32 copy ever exists whole. Smaller
@@ -34,13 +34,20 @@ TOKEN_CHUNK = 2048  # tokens per chunk of the tiled LM head (each chunk reads th
 # on an accelerator (fewer, larger matmuls and kernel launches)
 TILE_ELEMENTS = 2 ** 21
 ACCELERATOR_TILE_ELEMENTS = 2 ** 24
-
-
-def tile_elements(device_type: str) -> int:
-    return TILE_ELEMENTS if device_type == "cpu" else ACCELERATOR_TILE_ELEMENTS
 # Config fields of models whose forward changes the head's output (softcapping, scaling): the
 # chunked head would bypass that, so such models take the plain path.
 POSTPROCESSED = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def plain_tokens(vocab: int, chunk_size: int | None) -> int:
+    """Positions up to which the head's logits are taken whole (the plain path)."""
+    return chunk_size or max(1, CHUNK_ELEMENTS // vocab)
+
+
+def tile_rows(chunk: int, tokens: int, device_type: str) -> int:
+    """Vocabulary rows per tile of a `chunk`-token chunk (of `tokens` in all) on a device."""
+    elements = TILE_ELEMENTS if device_type == "cpu" else ACCELERATOR_TILE_ELEMENTS
+    return max(1, elements // max(1, min(chunk, tokens)))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -67,6 +74,13 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return out
 
 
+def _label_in_tile(labels: torch.Tensor, lo: int, width: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each label's column in the tile of rows lo .. lo+width (clamped), and whether it is in."""
+    local = labels - lo
+    return local.clamp(0, width - 1), (local >= 0) & (local < width)
+
+
 def _tile_stats(z: torch.Tensor, labels: torch.Tensor, lo: int, state: dict,
                 alignment: str | None) -> None:
     """Fold a tile's logits z [c, b] (vocabulary rows lo .. lo+b) into a token chunk's running
@@ -74,9 +88,8 @@ def _tile_stats(z: torch.Tensor, labels: torch.Tensor, lo: int, state: dict,
     alignment, from the same exponentials squared in place), and the label's logit where the
     label falls in the tile. An online log-sum-exp: each tile rescales the sums by e^(m_old −
     m_new). No other [c, b] temporary (`torch.logsumexp` would make a second)."""
-    local = labels - lo
-    inside = (local >= 0) & (local < z.shape[1])
-    picked = z.gather(-1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+    index, inside = _label_in_tile(labels, lo, z.shape[1])
+    picked = z.gather(-1, index[:, None])[:, 0]
     state["picked"] = torch.where(inside, picked, state["picked"])
     peak = torch.maximum(state["peak"], z.amax(dim=-1))
     rescale = (state["peak"] - peak).exp_()  # 0 at the first tile (its old peak is −inf)
@@ -89,7 +102,7 @@ def _tile_stats(z: torch.Tensor, labels: torch.Tensor, lo: int, state: dict,
 
 class ChunkedLogprob(torch.autograd.Function):
     """logp[n] = log_softmax(h[n] Wᵀ + b)[y[n]] / τ-tempered, in tiles of `chunk` tokens by
-    `block` vocabulary rows (None: `tile_elements` logits per tile).
+    `block` vocabulary rows (None: `tile_rows`).
 
     Each token chunk reads the head once, a block of rows at a time, and keeps per token only a
     running log-sum-exp (`_tile_stats`); backward recomputes each tile's logits:
@@ -104,7 +117,7 @@ class ChunkedLogprob(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) \
             else weight.dtype
         wide = torch.promote_types(dtype, torch.float32)  # the softmax's dtype
-        block = block or max(1, tile_elements(device_type) // max(1, min(chunk, hidden.shape[0])))
+        block = block or tile_rows(chunk, hidden.shape[0], device_type)
         vocab = weight.shape[0]
         logp = torch.empty(labels.shape, dtype=wide, device=hidden.device)
         lse = torch.empty_like(logp)
@@ -167,10 +180,8 @@ class ChunkedLogprob(torch.autograd.Function):
                     z = _logits(h_low, w, None if bias is None else bias[lo:lo + block], dtype,
                                 temperature)
                     dz = z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)  # −g·softmax, in place
-                    local = y - lo
-                    inside = (local >= 0) & (local < z.shape[1])
-                    dz.scatter_add_(-1, local.clamp(0, z.shape[1] - 1)[:, None],
-                                    g * inside[:, None])  # + g at the label
+                    index, inside = _label_in_tile(y, lo, z.shape[1])
+                    dz.scatter_add_(-1, index[:, None], g * inside[:, None])  # + g at the label
                     if grad_b is not None:
                         grad_b[lo:lo + block] += dz.sum(0)
                     dz = dz.to(dtype)
@@ -270,13 +281,10 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     keep = length - start + 1  # logits at positions start-1 .. T-1 (the last is dropped)
     labels = input_ids[:, start:]
     head = output_head(model)
-    # the plain path while its whole logits are small (or up to `chunk_size` tokens)
-    plain = chunk_size or (max(1, CHUNK_ELEMENTS // head.out_features) if head is not None
-                           else 0)
     chunk = chunk_size or TOKEN_CHUNK
     call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=keep, use_cache=False)
-    if head is not None and batch * keep > plain:
+    if head is not None and batch * keep > plain_tokens(head.out_features, chunk_size):
         padded = torch.cat([labels, labels[:, :1]], 1)  # the last position predicts nothing
         with chunked_head(head, padded, temperature, chunk, alignment):
             both = model(**call).logits[:, :-1]  # [B, T-start, 2]
