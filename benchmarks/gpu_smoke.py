@@ -51,6 +51,9 @@ SAMPLE = ("model.dtype=bfloat16", "data.max_examples=8", "overwrite=true")
 CASES = [
     Case("train sft", ("train", "sft", "{manifests}/sft_tiny.yaml"), train=True,
          sets=("model.path={work}/base", "train.output_dir={work}/sft")),
+    Case("train sft (deferred head gradient)", ("train", "sft", "{manifests}/sft_tiny.yaml"),
+         train=True, sets=("model.path={work}/base", "train.output_dir={work}/sft_deferred",
+                           "model.lm_head_grad=deferred", "optim.max_grad_norm=0.01")),
     Case("train sft (LoRA, packing)", ("train", "sft", "{manifests}/sft_tiny.yaml"), train=True,
          sets=("model.path={work}/base", "train.output_dir={work}/sft_lora",
                "model.lora={{r: 8, merge: true}}", "sft.packing=true")),

@@ -16,7 +16,9 @@ sampling from the model (`min_new_tokens` = `max_new_tokens` = 32) and replayed 
 train on the same rollouts: a sampled GRPO loss is ~0 by construction and compares nothing.
 Every step takes the same 64 completions in micro-batches of 8 (8 accumulation steps), β 0.04
 (a reference model on both sides; ours with `model.reference_offload: true`, read in for each
-round's pass only; BENCH_REFERENCE=resident keeps it loaded as TRL does), lr 1e-5, loss
+round's pass only, its embedding and head streamed from the file; BENCH_REFERENCE=resident
+keeps it loaded as TRL does; and with `model.lm_head_grad: deferred`, BENCH_HEAD_GRAD=dense
+for the default), lr 1e-5, loss
 "dapo", group-scaled advantages; the reward is the share of digit characters of the completion
 text (deterministic, so the rewards match).
 
@@ -69,6 +71,7 @@ SIZES = {  # Qwen2 shapes
 }
 BENCHES = ("grpo", "wpo")
 OFFLOAD = os.environ.get("BENCH_REFERENCE", "offload") == "offload"  # ours' GRPO reference
+HEAD_GRAD = os.environ.get("BENCH_HEAD_GRAD", "deferred")  # ours' GRPO model.lm_head_grad
 GRPO = dict(prompts=8, generations=8, completion_tokens=32, micro_batch=8, beta=0.04, lr=1e-5,
             seed=0)
 WPO = dict(pairs=8, pairs_per_step=8, max_length=256, max_prompt_length=192, beta=0.1, lr=1e-4,
@@ -204,8 +207,10 @@ def run_ours_grpo(folder: Path, steps: int, out: Path, lora: int | None) -> dict
     }
     if lora:
         raw["model"]["lora"] = {"r": lora, "alpha": 2 * lora}
-    elif OFFLOAD:  # the reference is read in for each round's pass only
-        raw["model"]["reference_offload"] = True
+    else:
+        raw["model"]["lm_head_grad"] = HEAD_GRAD
+        if OFFLOAD:  # the reference is read in for each round's pass only
+            raw["model"]["reference_offload"] = True
     config = resolve_paths(from_dict(GRPOConfig, raw), out)
     ends = patch_step_clock()
     train_grpo(config)

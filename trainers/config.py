@@ -84,6 +84,12 @@ class ModelConfig:
     # between its passes: on an accelerator in host memory, moved in for each pass; on the CPU
     # re-read from `path` for each pass. Same log-probs; costs a copy (or a read) per round.
     reference_offload: bool = False
+    # the LM head's weight gradient (`trainers/headgrad.py`): dense, a [V, H] buffer filled in
+    # backward (the default, fastest); deferred, formed a block of vocabulary rows at a time at
+    # the optimizer step and applied there, so no [V, H] gradient ever exists (150 MB at
+    # 151,936 x 256 in fp32, 0.9 GB at Qwen2.5-1.5B's; costs about two more passes over the
+    # head per step). One process, no sharding, not with lora or fp16.
+    lm_head_grad: Literal["dense", "deferred"] = "dense"
 
     def __post_init__(self):
         require(bool(self.path), "path", "expected a model folder or Hub id")
@@ -92,6 +98,9 @@ class ModelConfig:
         require(not (self.reference_offload and self.lora is not None), "reference_offload",
                 "with model.lora the reference is the policy with its adapters off (no copy "
                 "to offload); remove reference_offload")
+        require(not (self.lm_head_grad == "deferred" and self.lora is not None), "lm_head_grad",
+                "with model.lora the head is frozen and has no gradient to defer; set "
+                "lm_head_grad: dense")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ def report(run) -> str:
     split = world if full_shard else 1
     weights = total * weight_bytes / split + (trainable * 4 if lora else 0)
     grads = trainable * master / (world if sharded else 1)
+    deferred = head.weight.numel() * master \
+        if model_cfg.lm_head_grad == "deferred" and head is not None and not lora else 0
+    grads -= deferred  # formed a block of rows at a time at the step (`headgrad`)
     optimizer = 2 * trainable * master / (world if sharded else 1)  # AdamW: two moments
     reference = total * weight_bytes / split if plan.get("reference") and not lora else 0
     tokens = plan.get("sequences_per_micro", micro) * plan.get("sequence_length", 0)
@@ -70,9 +73,14 @@ def report(run) -> str:
                      f"{chunk:,} tokens x {block:,} vocabulary rows" if tokens > plain else
                      f"  logits: {tokens:,} tokens per micro-batch x {vocab:,} are taken whole "
                      f"({_gb(whole)} in float32)")
+    if deferred:
+        lines.append(f"  LM-head gradient: deferred (model.lm_head_grad), formed a block of "
+                     f"vocabulary rows at a time at the optimizer step: {_gb(deferred)} less")
     if reference and model_cfg.reference_offload:
         lines.append(f"  reference: offloaded (model.reference_offload); its {_gb(reference)} are "
-                     "on the device only during its log-prob passes, when there are no gradients")
+                     "on the device only during its log-prob passes, when there are no gradients"
+                     + ("; on the CPU its embedding and LM head stay in its files, read a block "
+                        "of rows at a time" if run.device.type == "cpu" else ""))
     if run.precision != "no":
         lines.append(f"  autocast keeps {run.precision} copies of the weights it uses: up to "
                      f"{_gb(total * 2 / split)} more")

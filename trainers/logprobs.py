@@ -82,10 +82,11 @@ def _label_in_tile(labels: torch.Tensor, lo: int, width: int
 
 
 def _tile_stats(z: torch.Tensor, labels: torch.Tensor, lo: int, state: dict,
-                alignment: str | None) -> None:
+                squares: bool) -> None:
     """Fold a tile's logits z [c, b] (vocabulary rows lo .. lo+b) into a token chunk's running
-    statistics, overwriting z: the running maximum m, Σ e^(z−m) (and Σ e^(2(z−m)) for sampled
-    alignment, from the same exponentials squared in place), and the label's logit where the
+    statistics, overwriting z: the running maximum m, Σ e^(z−m) (and with `squares`
+    Σ e^(2(z−m)), for sampled alignment and a deferred head gradient's bound, from the same
+    exponentials squared in place), and the label's logit where the
     label falls in the tile. An online log-sum-exp: each tile rescales the sums by e^(m_old −
     m_new). No other [c, b] temporary (`torch.logsumexp` would make a second)."""
     index, inside = _label_in_tile(labels, lo, z.shape[1])
@@ -95,7 +96,7 @@ def _tile_stats(z: torch.Tensor, labels: torch.Tensor, lo: int, state: dict,
     rescale = (state["peak"] - peak).exp_()  # 0 at the first tile (its old peak is −inf)
     z.sub_(peak[:, None]).exp_()
     state["sum"] = state["sum"] * rescale + z.sum(-1)
-    if alignment == "sampled":
+    if squares:
         state["sum2"] = state["sum2"] * rescale.square_() + z.square_().sum(-1)
     state["peak"] = peak
 
@@ -112,7 +113,11 @@ class ChunkedLogprob(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, chunk, alignment, block=None):
+    def forward(ctx, hidden, weight, bias, labels, temperature, chunk, alignment, block=None,
+                rows=None):
+        """`rows(lo, hi)`: the head's rows lo .. hi from elsewhere (a reference streamed from
+        its file, `models.StreamedVocabulary`; `weight` is then a stand-in of its shape, and
+        there is no backward)."""
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) \
             else weight.dtype
@@ -122,6 +127,11 @@ class ChunkedLogprob(torch.autograd.Function):
         logp = torch.empty(labels.shape, dtype=wide, device=hidden.device)
         lse = torch.empty_like(logp)
         norms = torch.zeros_like(logp)
+        # a deferred head gradient (`headgrad`) bounds its norm by ‖onehot − p‖² per token,
+        # 1 − 2·p_y + Σ p², from the same squared exponentials as WPO's normaliser
+        deferred = ctx.needs_input_grad[1] and hasattr(weight, "deferred_grad")
+        squares = alignment == "sampled" or deferred
+        spread = torch.zeros_like(logp) if deferred else None
         with _no_autocast(device_type):
             for s in range(0, hidden.shape[0], chunk):
                 h, y = hidden[s:s + chunk].to(dtype), labels[s:s + chunk]
@@ -131,10 +141,12 @@ class ChunkedLogprob(torch.autograd.Function):
                 state["sum2"] = torch.zeros_like(state["peak"])
                 state["picked"] = torch.zeros_like(state["peak"])
                 for lo in range(0, vocab, block):
-                    z = _logits(h, weight[lo:lo + block],
+                    w = rows(lo, min(lo + block, vocab)) if rows is not None \
+                        else weight[lo:lo + block]
+                    z = _logits(h, w,
                                 None if bias is None else bias[lo:lo + block], dtype,
                                 temperature)  # [c, b] in float32
-                    _tile_stats(z, y, lo, state, alignment)
+                    _tile_stats(z, y, lo, state, squares)
                     del z  # before the next tile's logits exist: one [c, b] at a time
                 log_sum = state["sum"].log()
                 chunk_lse = state["peak"] + log_sum
@@ -144,19 +156,32 @@ class ChunkedLogprob(torch.autograd.Function):
                     norms[s:s + chunk] = state["sum2"].log() - 2 * log_sum
                 elif alignment == "greedy":  # log max π
                     norms[s:s + chunk] = state["peak"] - chunk_lse
+                if deferred:
+                    spread[s:s + chunk] = (1 - 2 * logp[s:s + chunk].exp() + state["sum2"]
+                                           / state["sum"].square()).clamp_(min=0)
+        ctx.spread = spread
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.settings = (temperature, chunk, block, dtype)
+        ctx.settings = (temperature, chunk, block, dtype, rows is not None)
         ctx.mark_non_differentiable(norms)
         return logp, norms
 
     @staticmethod
     def backward(ctx, grad_logp, grad_norms):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        temperature, chunk, block, dtype = ctx.settings
+        temperature, chunk, block, dtype, streamed = ctx.settings
+        if streamed:
+            raise RuntimeError("a head streamed from its file (a frozen reference) has no "
+                               "backward")
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         wide = lse.dtype
         vocab = weight.shape[0]
+        # `model.lm_head_grad: deferred` (`headgrad.HeadGradient`): ∂W is formed at the step
+        # from what is recorded here; only ∂h (and the bias's) are made now
+        deferred = getattr(weight, "deferred_grad", None) if need_w else None
+        if deferred is not None:
+            deferred.record(hidden, labels, lse, grad_logp, temperature, dtype, ctx.spread)
+            need_w = False
         # the tied head of an unsharded policy (`models.sparse_tied_embedding_grad`) adds its
         # gradient into the accumulated `.grad` in place, made here at a step's first
         # micro-batch: no second [V, H] buffer (returned, autograd would add the lookup's sparse
@@ -196,7 +221,7 @@ class ChunkedLogprob(torch.autograd.Function):
                     grad_h[s:s + chunk] = gh.to(hidden.dtype)
         return (grad_h, grad_w.to(weight.dtype) if need_w and not in_place else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None,
-                None)
+                None, None)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -221,6 +246,12 @@ def _logits(h, w, bias, dtype, temperature) -> torch.Tensor:
     return z.div_(temperature) if temperature != 1.0 else z
 
 
+def _chunked_only(head: torch.nn.Linear) -> bool:
+    """A head whose weight is not whole in memory (streamed from its file) or whose gradient is
+    deferred (`headgrad`) runs chunked at any size."""
+    return hasattr(head, "streamed_rows") or hasattr(head.weight, "deferred_grad")
+
+
 def output_head(model):
     """The LM head the forward calls, found through DDP/FSDP/DeepSpeed/peft wrappers and the
     LoRA reference; None when only the plain path is safe."""
@@ -239,10 +270,12 @@ def chunked_head(head: torch.nn.Linear, labels: torch.Tensor, temperature: float
                  alignment: str | None):
     """While active, `head(hidden)` returns [B, K, 2] (log-prob of `labels`, normaliser)
     instead of [B, K, V] logits; `labels` [B, K] are the tokens each position predicts."""
+    rows = getattr(head, "streamed_rows", None)
+
     def forward(hidden):  # [B, K, H]
         flat = hidden.reshape(-1, hidden.shape[-1])
         logp, norms = ChunkedLogprob.apply(flat, head.weight, head.bias, labels.reshape(-1),
-                                           temperature, chunk, alignment)
+                                           temperature, chunk, alignment, None, rows)
         return torch.stack([logp, norms], -1).view(*labels.shape, 2)
 
     head.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
@@ -284,7 +317,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     chunk = chunk_size or TOKEN_CHUNK
     call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=keep, use_cache=False)
-    if head is not None and batch * keep > plain_tokens(head.out_features, chunk_size):
+    if head is not None and (batch * keep > plain_tokens(head.out_features, chunk_size)
+                             or _chunked_only(head)):
         padded = torch.cat([labels, labels[:, :1]], 1)  # the last position predicts nothing
         with chunked_head(head, padded, temperature, chunk, alignment):
             both = model(**call).logits[:, :-1]  # [B, T-start, 2]

@@ -248,12 +248,16 @@ class OffloadedReference:
                 module._parameters[key] = param
 
     @contextlib.contextmanager
-    def resident(self) -> Iterator[torch.nn.Module]:
+    def resident(self, generate: bool = False) -> Iterator[torch.nn.Module]:
+        """`generate`: the pass generates (a streamed vocabulary serves log-prob passes only)."""
         if self.device.type == "cpu":
-            self.model = load_model(self.config, trainable=False)
+            streamed = None if generate else StreamedVocabulary.load(self.config)
+            self.model = streamed.model if streamed else load_model(self.config, trainable=False)
             try:
                 yield self.model
             finally:  # weights freed now, even where the caller's name still holds the model
+                if streamed:
+                    streamed.close()
                 self.model.to("meta")
                 self.model = None
                 gc.collect()
@@ -266,12 +270,111 @@ class OffloadedReference:
             self._place(lambda host: host)  # the device copies are freed
 
 
+class StreamedVocabulary:
+    """A frozen model for CPU passes whose vocabulary matrices stay in its safetensors files:
+    the input embedding reads the rows of the batch's tokens, and the LM head (run chunked,
+    `logprobs.ChunkedLogprob`) reads each tile's block of rows into one reused buffer; every
+    other weight is read in. At a real vocabulary these matrices are most of a small model
+    (151,936 x 256 is 39 M of 43 M parameters), so an offloaded reference's pass holds a few MB
+    of them instead of a copy. The log-probs are the same to the bit: the same values in the
+    same tiles. `load` gives None where this does not apply (a Hub id, `.bin` weights, a scaled
+    or biased embedding or head, names the file does not hold); the caller loads the whole
+    model then."""
+
+    def __init__(self, model, checkpoint):
+        self.model, self.checkpoint = model, checkpoint
+
+    @classmethod
+    def load(cls, config: ModelConfig) -> StreamedVocabulary | None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from mergekit_rl.checkpoint import Checkpoint
+        from mergekit_rl.errors import CheckpointError
+
+        from .logprobs import output_head
+
+        path = Path(config.path)
+        if not path.is_dir():
+            return None
+        try:
+            ckpt = Checkpoint.open(path)
+        except CheckpointError:
+            return None
+        if any(f.suffix != ".safetensors" for f in ckpt.files):
+            ckpt.close()
+            return None
+        kwargs = {"attn_implementation": config.attn_implementation} \
+            if config.attn_implementation else {}
+        with init_empty_weights(include_buffers=False):  # rotary tables are computed, real
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
+                                                  dtype=getattr(torch, config.dtype), **kwargs)
+        lm.tie_weights()  # inside init_empty_weights the tie made a second meta matrix
+        emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+        names = {id(p): n for n, p in lm.named_parameters()}  # a tied matrix: its first name
+        vocab = {id(emb.weight), id(head.weight)} if type(emb) is torch.nn.Embedding else set()
+        if not vocab or output_head(lm) is not head or head.bias is not None or any(
+                names[id(p)] not in ckpt or ckpt.tensors[names[id(p)]].shape != tuple(p.shape)
+                for p in lm.parameters()):
+            ckpt.close()
+            return None
+        loaded: dict[int, torch.nn.Parameter] = {}
+        for module in lm.modules():
+            for key, p in module._parameters.items():
+                if p is None or id(p) in vocab:
+                    continue
+                if id(p) not in loaded:
+                    t = ckpt.read(names[id(p)]).to(p.dtype)
+                    loaded[id(p)] = torch.nn.Parameter(t, requires_grad=False)
+                module._parameters[key] = loaded[id(p)]
+        emb.forward = _row_lookup(ckpt, names[id(emb.weight)], emb.weight.dtype)
+        head.streamed_rows = _row_blocks(ckpt, names[id(head.weight)], head.weight.dtype)
+        disable_dropout(lm)
+        lm.eval()
+        lm.requires_grad_(False)
+        return cls(lm, ckpt)
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+
+def _row_lookup(ckpt, name: str, dtype: torch.dtype):
+    """`embedding(ids)` reading only the rows of the ids present from the file."""
+    width = ckpt.tensors[name].shape[1]
+
+    def lookup(ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        rows = torch.empty(len(unique), width, dtype=dtype)
+        for k, i in enumerate(unique.tolist()):
+            ckpt.read_into(name, (i, i + 1), rows[k])
+        return rows[inverse]
+
+    return lookup
+
+
+def _row_blocks(ckpt, name: str, dtype: torch.dtype):
+    """`rows(lo, hi)` -> the matrix's rows lo .. hi, read into one buffer reused by every call
+    (each tile's logits are made before the next block is read)."""
+    width = ckpt.tensors[name].shape[1]
+    buffer = [torch.empty(0, dtype=dtype)]
+
+    def rows(lo: int, hi: int) -> torch.Tensor:
+        n = (hi - lo) * width
+        if buffer[0].numel() < n:
+            buffer[0] = torch.empty(n, dtype=dtype)
+        ckpt.read_into(name, (lo, hi), buffer[0])
+        return buffer[0][:n].view(hi - lo, width)
+
+    return rows
+
+
 @contextlib.contextmanager
-def resident(ref) -> Iterator:
-    """The reference on its device for one pass: an offloaded one is moved or read in for the
-    block; any other (a resident copy, adapters off, a sharded copy, None) is itself."""
+def resident(ref, generate: bool = False) -> Iterator:
+    """The reference on its device for one pass (`generate`: one that generates): an offloaded
+    one is moved or read in for the block; any other (a resident copy, adapters off, a sharded
+    copy, None) is itself."""
     if isinstance(ref, OffloadedReference):
-        with ref.resident() as model:
+        with ref.resident(generate) as model:
             yield model
     else:
         yield ref

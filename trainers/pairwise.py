@@ -242,7 +242,7 @@ def train_pairwise(config: PairwiseConfig, resume: str | None = None) -> Path:
 
     ref = run.load_reference() if params.beta > 0 or params.anchor == "greedy" else None
     if params.anchor == "greedy":
-        with models.resident(ref) as reference:
+        with models.resident(ref, generate=True) as reference:
             anchors = greedy_anchors(run, config, prompts.ids, reference)
     ref = ref if params.beta > 0 else None
     # loaded before the RNG is seeded or restored, so a resumed run samples as the first did

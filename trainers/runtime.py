@@ -282,6 +282,20 @@ def load_tokenizer(model: ModelConfig):
 FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs
 
 
+def check_deferred_head(world: int, shard: str | None, precision: str) -> None:
+    """`model.lm_head_grad: deferred` forms the head's gradient in one process from whole
+    weights (`headgrad`), and fp16's loss scaler never sees it."""
+    where = {"fsdp": "FSDP", "zero": "DeepSpeed ZeRO", "zero3": "DeepSpeed ZeRO-3"}.get(shard) \
+        or (f"{world} processes" if world > 1 else None)
+    if where:
+        raise TrainerConfigError(f"model.lm_head_grad: deferred runs in one process with whole "
+                                 f"weights, not under {where}; set lm_head_grad: dense")
+    if precision == "fp16":
+        raise TrainerConfigError("model.lm_head_grad: deferred with train.mixed_precision fp16: "
+                                 "the loss scaler cannot check the head's gradient; use bf16 "
+                                 "or set lm_head_grad: dense")
+
+
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig,
                    device: torch.device | None = None) -> torch.optim.Optimizer:
     """AdamW over the trainable weights; no weight decay on biases and norm weights (1-D).

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from . import models, runtime
+from . import headgrad, models, runtime
 from .checkpointing import (
     StopSignal,
     checkpoint_dirs,
@@ -114,6 +114,8 @@ class Run:
         self.device = self.accelerator.device
         self.shard = runtime.sharding(self.accelerator)
         runtime.set_cpu_malloc(self.train.cpu_malloc, self.device)
+        if config.model.lm_head_grad == "deferred":
+            runtime.check_deferred_head(self.world, self.shard, self.precision)
         if config.model.reference_offload and self.shard in ("fsdp", "zero3"):
             raise TrainerConfigError(f"model.reference_offload: under {self.shard} the reference "
                                      "is sharded like the policy already; remove it")
@@ -124,6 +126,7 @@ class Run:
         self.max_steps = 0
         self.best: dict | None = None  # {"metric", "value", "step", "checkpoint"}
         self.skipped_steps = 0  # fp16 overflows
+        self.head_grad: headgrad.HeadGradient | None = None  # model.lm_head_grad: deferred
         self.last_checkpoint: str | None = str(self.resume_dir) if self.resume_dir else None
         self._progress: Callable[[int], dict] = lambda step: {}
         self._stop: StopSignal | None = None
@@ -185,6 +188,8 @@ class Run:
         self.policy = self.accelerator.unwrap_model(self.model)
         if self.shard is None and self.config.model.lora is None:  # after DDP has wrapped it
             models.sparse_tied_embedding_grad(self.policy)
+        self.head_grad = headgrad.attach(self.policy) \
+            if self.config.model.lm_head_grad == "deferred" else None
         if self.resume_dir is not None:
             warn_config_changes(self.resume_dir / "trainer_config.yaml", self.config)
             state = load_training_state(self.resume_dir, self.accelerator)
@@ -281,15 +286,20 @@ class Run:
         -> (gradient norm, learning rate used)"""
         self._check_finite(float(loss_value), "loss")
         max_norm = self.config.optim.max_grad_norm
-        # an infinite bound measures the norm (sharded gradients included) without clipping
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                max_norm if max_norm is not None else math.inf)
+        coef = None
+        if self.head_grad is not None:  # the head's gradient is formed (and applied) below
+            norm, coef = self.head_grad.clip(self.model.parameters(), max_norm)
+        else:  # an infinite bound measures the norm (sharded ones included) without clipping
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                    max_norm if max_norm is not None else math.inf)
         scaler = self.accelerator.scaler
         grad_norm = float(norm) if norm is not None else math.nan
         if scaler is None and norm is not None:
             self._check_finite(grad_norm, "gradient norm")
         scale = scaler.get_scale() if scaler is not None else None
         self.optimizer.step()
+        if self.head_grad is not None:
+            grad_norm = float(self.head_grad.step(self.optimizer, coef))
         lr = self.scheduler.get_last_lr()[0]
         # a fused optimizer takes the scaler's found-inf itself (accelerate then sees a step):
         # an overflow is also told by the lowered scale

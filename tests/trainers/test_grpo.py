@@ -118,9 +118,9 @@ def test_an_offloaded_reference_gives_the_same_run_and_is_not_kept(load, monkeyp
     resident = train_grpo(load("grpo_tiny.yaml", DIGITS, *args, out="resident"))
     passes, real = [], models.OffloadedReference.resident
 
-    def counted(self):
+    def counted(self, generate=False):
         passes.append(self.model is None)  # nothing held between passes
-        return real(self)
+        return real(self, generate)
 
     monkeypatch.setattr(models.OffloadedReference, "resident", counted)
     offloaded = train_grpo(load("grpo_tiny.yaml", DIGITS, *args,
@@ -151,3 +151,39 @@ def test_an_offloaded_reference_moves_in_for_a_pass_and_back(tiny_model):
     assert ref.model.lm_head.weight is ref.model.model.embed_tokens.weight  # still tied
     with models.resident(None) as nothing:  # anything else is itself
         assert nothing is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_offloaded_cpu_reference_streams_its_vocabulary_matrices(tiny_model, tmp_path, tied):
+    """On the CPU the reference's embedding and LM head stay in the file (`StreamedVocabulary`):
+    the same log-probs to the bit as the whole model loaded by transformers, for a batch on the
+    plain path too (a streamed head always runs chunked), tied or not."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.config import ModelConfig
+    from trainers.logprobs import token_logprobs
+
+    path = tiny_model
+    if not tied:
+        torch.manual_seed(0)
+        untied = AutoModelForCausalLM.from_pretrained(tiny_model, tie_word_embeddings=False)
+        untied.save_pretrained(path := tmp_path / "untied")
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = models.OffloadedReference(ModelConfig(path=str(path), reference_offload=True), "cpu")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, whole.config.vocab_size, (3, 12), generator=g)
+    attention = torch.ones_like(ids)
+    attention[0, :3] = 0
+    with models.resident(ref) as model:
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        assert emb.weight.device.type == "meta" and head.weight.device.type == "meta"
+        assert (emb.weight is head.weight) == tied
+        assert {p.device.type for n, p in model.named_parameters()
+                if p is not emb.weight and p is not head.weight} == {"cpu"}
+        with torch.no_grad():
+            for start, chunk in ((4, 5), (11, None)):  # chunked; 3 tokens: the plain path
+                got = token_logprobs(model, ids, attention, start=start, chunk_size=chunk)
+                want = token_logprobs(whole, ids, attention, start=start, chunk_size=chunk)
+                assert torch.equal(got, want) if chunk else \
+                    torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert ref.model is None

@@ -153,6 +153,20 @@ def test_dry_run_prints_the_plan_and_loads_no_weights(tiny_model, tmp_path, monk
     assert not out.exists()
 
 
+def test_dry_run_says_what_a_deferred_head_and_a_streamed_reference_save(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(train, ["grpo", str(MANIFESTS / "grpo_tiny.yaml"), "--dry-run",
+                                        *sets(f"model.path={tiny_model}",
+                                              f"train.output_dir={out}", "grpo.beta=0.04",
+                                              "model.lm_head_grad=deferred",
+                                              "model.reference_offload=true")])
+    assert result.exit_code == 0, result.output
+    vocab, hidden = 300, 32  # the tiny model's tied matrix: 38.4 kB of fp32 gradient fewer
+    assert f"LM-head gradient: deferred (model.lm_head_grad), formed a block of vocabulary rows " \
+        f"at a time at the optimizer step: {vocab * hidden * 4 / 1e6:.1f} MB less" in result.output
+    assert "on the CPU its embedding and LM head stay in its files" in result.output
+
+
 def test_dry_run_counts_lora_parameters_as_peft_does(tiny_model, tmp_path):
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
@@ -279,6 +293,8 @@ LAUNCH_CASES = [
     ({}, ("train.eval_steps=5",), "train.eval_steps: there are no held-out rows"),
     ({}, ("model.lora={r: 4}", "model.reference_offload=true"),
      "reference_offload=true: with model.lora the reference is the policy"),
+    ({}, ("model.lora={r: 4}", "model.lm_head_grad=deferred"),
+     "lm_head_grad=deferred: with model.lora the head is frozen"),
 ]
 
 
