@@ -153,11 +153,14 @@ def test_an_offloaded_reference_moves_in_for_a_pass_and_back(tiny_model):
         assert nothing is None
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_an_offloaded_cpu_reference_streams_its_vocabulary_matrices(tiny_model, tmp_path, tied):
+@pytest.mark.parametrize("tied, dtype", [(True, "float32"), (False, "float32"),
+                                         (True, "bfloat16")])
+def test_an_offloaded_cpu_reference_streams_its_vocabulary_matrices(tiny_model, tmp_path, tied,
+                                                                    dtype):
     """On the CPU the reference's embedding and LM head stay in the file (`StreamedVocabulary`):
     the same log-probs to the bit as the whole model loaded by transformers, for a batch on the
-    plain path too (a streamed head always runs chunked), tied or not."""
+    plain path too (a streamed head always runs chunked); tied, or untied in shards; in the
+    file's fp32 or read into bf16."""
     from transformers import AutoModelForCausalLM
 
     from trainers.config import ModelConfig
@@ -167,9 +170,11 @@ def test_an_offloaded_cpu_reference_streams_its_vocabulary_matrices(tiny_model, 
     if not tied:
         torch.manual_seed(0)
         untied = AutoModelForCausalLM.from_pretrained(tiny_model, tie_word_embeddings=False)
-        untied.save_pretrained(path := tmp_path / "untied")
-    whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ref = models.OffloadedReference(ModelConfig(path=str(path), reference_offload=True), "cpu")
+        untied.save_pretrained(path := tmp_path / "untied", max_shard_size="20KB")
+        assert len(list(path.glob("*.safetensors"))) > 1
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    ref = models.OffloadedReference(ModelConfig(path=str(path), reference_offload=True,
+                                                dtype=dtype), "cpu")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, whole.config.vocab_size, (3, 12), generator=g)
     attention = torch.ones_like(ids)
@@ -185,5 +190,5 @@ def test_an_offloaded_cpu_reference_streams_its_vocabulary_matrices(tiny_model, 
                 got = token_logprobs(model, ids, attention, start=start, chunk_size=chunk)
                 want = token_logprobs(whole, ids, attention, start=start, chunk_size=chunk)
                 assert torch.equal(got, want) if chunk else \
-                    torch.allclose(got, want, atol=1e-6, rtol=0)
+                    torch.allclose(got, want, atol=1e-6 if dtype == "float32" else 2e-2, rtol=0)
     assert ref.model is None

@@ -188,3 +188,26 @@ def test_deferred_head_refuses_what_it_cannot_do(world, shard, precision, words)
     with pytest.raises(TrainerConfigError, match=words):
         check_deferred_head(world, shard, precision)
     check_deferred_head(1, None, "bf16")  # one process, whole weights: fine
+
+
+def test_under_bf16_autocast_the_blocks_equal_the_dense_bf16_gradient(tiny_model):
+    """Autocast (bf16 matmuls, float32 softmax), as a GPU run has it: the deferred blocks equal
+    the dense chunked backward's gradient to bf16 rounding, in float32."""
+    plain, lean = _load(tiny_model), _load(tiny_model)
+    for model in (plain, lean):
+        sparse_tied_embedding_grad(model)
+    deferred = headgrad.attach(lean)
+    for ids, attention, completion, start, weights in _batches(300):
+        for model in (plain, lean):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = token_logprobs(model, ids, attention, completion, start=start, chunk_size=4)
+            (out * weights).sum().backward()
+    assert {r.dtype for r in deferred.records} == {torch.bfloat16}
+    deferred.clip(lean.parameters(), None)
+    got = torch.cat([deferred._block_grad(lo, hi, deferred._groups(), deferred._sparse)
+                     for lo, hi in deferred._blocks()])
+    want = plain.get_output_embeddings().weight.grad
+    assert got.dtype == torch.float32 and want.layout == torch.strided
+    # 0.3% of the largest entry here: one bf16 rounding of the block matmuls against one per
+    # micro-batch
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
