@@ -3,17 +3,16 @@
 For vectors a and b (or the deltas A − BASE and B − BASE of two models), per tensor, per layer
 and in total: cosine similarity ⟨a, b⟩ / (‖a‖·‖b‖), norm ratio ‖a‖ / ‖b‖, and sign agreement —
 the share of entries where both are non-zero whose signs agree (TIES' notion of interference,
-https://arxiv.org/abs/2306.01708). Streamed: a reader thread fetches blocks of rows of every
-input while the main thread reduces the previous ones, sums kept in float64.
+https://arxiv.org/abs/2306.01708). Streamed: a few threads each read blocks of rows of every
+input and reduce them, sums kept in float64 and added in block order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import queue
+import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,79 +127,79 @@ def _span_of(shape, row_elems: int) -> tuple[int, int, int]:
     return rows, row, max(row_elems // row, 1)
 
 
-def _blocks(names: list[str], inputs: dict, depth: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, X) for every block of rows: X is a [k, n] float32 matrix whose row i is input i's
-    block (in the order of `inputs`), flattened, valid until the next block is asked for.
+def _fill(row: torch.Tensor, c, name: str, span) -> int:
+    """Input c's block of tensor `name` flattened into `row` (float32), converted on the way."""
+    if isinstance(c, Checkpoint):
+        return c.read_into(name, span, row)
+    t = c.read(name, span).reshape(-1)  # a computed input (an adapter's B·A)
+    row[:t.numel()].copy_(t)
+    return t.numel()
 
-    A reader thread reads each block and widens it into one of a few pooled matrices (float32
-    inputs are read straight into it), so the main thread only reduces: on two cores the reads
-    plus the widening take about as long as the reductions. Nothing is allocated per block
-    (fresh 4 MiB buffers cost page faults: a widening into one took 4x a copy into a reused
-    one)."""
-    roles = list(inputs)
-    first = inputs[roles[0]]
-    per_block = BLOCK_ELEMENTS
+
+def _block_stats_all(names: list[str], inputs: dict, workers: int
+                     ) -> tuple[list[tuple[str, object]], list[tuple]]:
+    """Every block of rows of every tensor, each read, widened and reduced by one of `workers`
+    threads: -> (blocks as (name, rows), their `block_stats` plus the entry count, in order).
+
+    Each thread takes the next block, reads every input's rows of it into its own [k, n]
+    float32 matrix (the deltas to a base taken in place), and reduces it; torch's kernels let
+    go of the GIL, so the threads run side by side. A reader thread feeding one reducing
+    thread had left a core idle part of the time (the reductions take longer than the reads
+    and the widening). Nothing is allocated per block (a widening into a fresh 4 MiB buffer
+    took 4x a copy into a reused one). The results are summed in block order, so they do not
+    depend on which thread took which block."""
+    first = next(iter(inputs.values()))
+    jobs: list[tuple[str, object]] = []
     largest = 1
-    for n in names:
-        _, row, step = _span_of(first.tensors[n].shape, per_block)
+    for name in names:
+        shape = first.tensors[name].shape
+        rows, row, step = _span_of(shape, BLOCK_ELEMENTS)
         largest = max(largest, row * step)
-    slots = [torch.empty(len(roles), largest) for _ in range(depth + 2)]
-    free: queue.Queue = queue.Queue()
-    for k in range(len(slots)):
-        free.put(k)
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
+        jobs += [(name, (r0, min(r0 + step, rows))) for r0 in range(0, rows, step)] \
+            if shape else [(name, None)]
+    results: list = [None] * len(jobs)
+    lock, cursor, stop, errors = threading.Lock(), [0], threading.Event(), []
+    has_base = "base" in inputs
 
-    def wait(box: queue.Queue, item=None, put: bool = False):
-        while not stop.is_set():
-            try:
-                return box.put(item, timeout=0.1) if put else box.get(timeout=0.1)
-            except (queue.Full, queue.Empty):
-                continue
-        raise _Stopped
-
-    def fill(row: torch.Tensor, c, name: str, span) -> int:
-        if isinstance(c, Checkpoint):
-            return c.read_into(name, span, row)
-        t = c.read(name, span).reshape(-1)  # a computed input (an adapter's B·A)
-        row[:t.numel()].copy_(t)
-        return t.numel()
-
-    def reader() -> None:
+    def work() -> None:
+        x = torch.empty(len(inputs), largest)
+        scratch = torch.empty(largest)
         try:
-            for name in names:
-                rows, _, step = _span_of(first.tensors[name].shape, per_block)
-                shaped = bool(first.tensors[name].shape)
-                for r0 in range(0, rows, step):
-                    span = (r0, min(r0 + step, rows)) if shaped else None
-                    k = wait(free)
-                    n = [fill(slots[k][i], c, name, span) for i, c in enumerate(inputs.values())]
-                    wait(q, (name, k, n[0]), put=True)
-            wait(q, None, put=True)
-        except _Stopped:
-            return
-        except BaseException as e:  # re-raised by the consumer
-            with contextlib.suppress(_Stopped):
-                wait(q, e, put=True)
+            while not stop.is_set():
+                with lock:
+                    i = cursor[0]
+                    cursor[0] += 1
+                if i >= len(jobs):
+                    return
+                name, span = jobs[i]
+                n = [_fill(x[k], c, name, span) for k, c in enumerate(inputs.values())][0]
+                block = x[:, :n]
+                if has_base:  # our own buffer (rows a, b, base): the deltas in place
+                    block[:2] -= block[2:3]
+                results[i] = (*block_stats(block[:2], scratch), n)
+        except BaseException as e:  # re-raised by the caller
+            errors.append(e)
+            stop.set()
 
-    thread = threading.Thread(target=reader, name="mkrl-compare", daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=work, name=f"mkrl-compare-{k}", daemon=True)
+               for k in range(max(1, min(workers, len(jobs))))]
+    for t in threads:
+        t.start()
     try:
-        while (got := q.get()) is not None:
-            if isinstance(got, BaseException):
-                raise got
-            name, k, n = got
-            yield name, slots[k][:, :n]
-            free.put(k)
+        for t in threads:
+            while t.is_alive():
+                t.join(0.1)  # wakes for Ctrl-C
     finally:
         stop.set()
-        thread.join()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return jobs, results
 
 
-class _Stopped(Exception):
-    """The consumer went away: the reader ends."""
-
-
+# threads that each read, widen and reduce whole blocks (each holds a [k, 1 Mi] float32 matrix)
+WORKERS = max(1, min(4, os.cpu_count() or 1))
 GRAM_INNER = 1024  # elements per partial dot of the Gram product
 
 
@@ -235,8 +234,8 @@ def block_stats(x: torch.Tensor, scratch: torch.Tensor | None = None
 
 @contextlib.contextmanager
 def _one_thread():
-    """Reduce with one intra-op thread while the reader thread keeps the other core busy (as the
-    engine streams); OpenMP workers spinning against it cost more than they gave."""
+    """One intra-op thread per reducing thread (`WORKERS` of them share the cores); OpenMP
+    workers spinning against them cost more than they gave."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -253,19 +252,11 @@ def compare(a_spec: str, b_spec: str, base_spec: str | None = None,
         sources["base"] = hub.resolve(base_spec)
     with opened(sources) as ckpts, _one_thread():
         names = _names(ckpts["a"], ckpts["b"], ckpts.get("base"), selection, (a_spec, b_spec))
-        per: dict[str, Stats] = {}
-        scratch = torch.empty(BLOCK_ELEMENTS)
-        for name, x in _blocks(names, ckpts):
-            # X is a buffer of ours (rows a, b[, base]): the deltas are taken in place
-            if "base" in ckpts:
-                x[:2] -= x[2:3]
-            s = per.get(name)
-            if s is None:
-                s = per[name] = Stats(name, tensors=1)
-            if scratch.numel() < x.shape[1]:
-                scratch = torch.empty(x.shape[1])
-            dot, sq_a, sq_b, agree, disagree = block_stats(x[:2], scratch)
-            s.params += x.shape[1]
+        per = {name: Stats(name, tensors=1) for name in names}
+        jobs, results = _block_stats_all(names, ckpts, WORKERS)
+        for (name, _), (dot, sq_a, sq_b, agree, disagree, n) in zip(jobs, results):
+            s = per[name]
+            s.params += n
             s.dot += dot
             s.sq_a += sq_a
             s.sq_b += sq_b

@@ -56,7 +56,16 @@ def reference(a: dict, b: dict, base: dict | None = None) -> dict[str, dict]:
                 "sign_agreement": s / (s + n)} for k, (d, p, q, s, n) in groups.items()}
 
 
-def test_per_layer_against_in_memory(tmp_path, tiny_models):
+@pytest.mark.parametrize("block, workers", [(None, None), (64, 3), (50, 1)],
+                         ids=["default", "64-entry blocks on 3 threads", "50 on 1"])
+def test_per_layer_against_in_memory(tmp_path, tiny_models, monkeypatch, block, workers):
+    """Whole tensors, and blocks of a few rows reduced by several threads (summed in block
+    order whichever thread took them): the in-memory float64 values."""
+    from mergekit_rl import comparison
+
+    if block:
+        monkeypatch.setattr(comparison, "BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(comparison, "WORKERS", workers)
     m = tiny_models["qwen2_untied_bf16_sharded"]
     cli("extract", m["grpo"], m["sft"], "-o", tmp_path / "v1", "-q")
     cli("extract", m["instruct"], m["base"], "-o", tmp_path / "v2", "-q")
@@ -95,3 +104,26 @@ def test_compare_different_tensor_sets_is_one_line(tmp_path, tiny_models):
     assert snapshot(tmp_path) == before  # no plot written
     # selecting the common tensors is the remedy
     cli("compare", tmp_path / "v1", tmp_path / "v2", "--exclude", "norm")
+
+
+def test_a_read_failing_in_one_thread_is_one_line_and_stops_the_others(tmp_path, tiny_models,
+                                                                        monkeypatch):
+    from mergekit_rl import comparison
+    from mergekit_rl.checkpoint import Checkpoint
+    from mergekit_rl.errors import CheckpointError
+
+    monkeypatch.setattr(comparison, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(comparison, "WORKERS", 2)
+    calls, real = [], Checkpoint.read_into
+
+    def failing(self, name, rows, out):
+        calls.append(name)
+        if len(calls) == 7:
+            raise CheckpointError(f"{self.path}: file ended early; re-download it")
+        return real(self, name, rows, out)
+
+    monkeypatch.setattr(Checkpoint, "read_into", failing)
+    m = tiny_models["qwen2_untied_bf16_sharded"]
+    r = cli("compare", m["grpo"], m["sft"], ok=False)
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "file ended early" in r.output
+    assert len(calls) < 20  # the other thread stopped too, long before the last block
