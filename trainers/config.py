@@ -82,13 +82,14 @@ class ModelConfig:
     lm_head_chunk_size: int | None = None
     # keep the frozen reference (GRPO, pairwise, WPO without precompute_ref) off the device
     # between its passes: on an accelerator in host memory, moved in for each pass; on the CPU
-    # re-read from `path` for each pass. Same log-probs; costs a copy (or a read) per round.
+    # re-read from `path` for each pass, its embedding and LM head a block of rows at a time.
+    # Same log-probs; costs a copy (or a read) per round.
     reference_offload: bool = False
     # the LM head's weight gradient (`trainers/headgrad.py`): dense, a [V, H] buffer filled in
     # backward (the default, fastest); deferred, formed a block of vocabulary rows at a time at
     # the optimizer step and applied there, so no [V, H] gradient ever exists (150 MB at
-    # 151,936 x 256 in fp32, 0.9 GB at Qwen2.5-1.5B's; costs about two more passes over the
-    # head per step). One process, no sharding, not with lora or fp16.
+    # 151,936 x 256 in fp32, 0.9 GB at Qwen2.5-1.5B's; costs one to one and a half more passes
+    # over the head per step). One process, no sharding, not with lora or fp16.
     lm_head_grad: Literal["dense", "deferred"] = "dense"
 
     def __post_init__(self):
