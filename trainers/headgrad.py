@@ -101,7 +101,8 @@ class HeadGradient:
         return stash.indices()[0], stash.values()
 
     def _blocks(self):
-        tokens = sum(r.hidden.shape[0] for r in self.records) or 1
+        # no records (only the lookup's rows): blocks as for a whole token chunk, not [V, H]
+        tokens = sum(r.hidden.shape[0] for r in self.records) or logprobs.TOKEN_CHUNK
         rows = logprobs.tile_rows(logprobs.TOKEN_CHUNK, tokens, self.weight.device.type)
         vocab = self.weight.shape[0]
         return [(lo, min(lo + rows, vocab)) for lo in range(0, vocab, rows)]
