@@ -59,7 +59,8 @@ def report(run) -> str:
     block = min(vocab, logprobs.tile_rows(chunk, tokens, run.device.type))
     whole = tokens * vocab * 4
     # the plain path: the logits, softmax/grad, a cast; the tiled head: one tile and a cast
-    logits = tokens * vocab * 4 * 3 if tokens <= plain else chunk * block * 4 * 2
+    tiled = tokens > plain or deferred > 0  # a deferred head runs tiled at any size
+    logits = chunk * block * 4 * 2 if tiled else tokens * vocab * 4 * 3
     parts = [("weights", weights), ("gradients", grads), ("optimizer (AdamW)", optimizer)]
     if reference and not model_cfg.reference_offload:
         parts.append(("reference copy", reference))
@@ -70,7 +71,7 @@ def report(run) -> str:
     if tokens:
         lines.append(f"  logits: {tokens:,} tokens per micro-batch x {vocab:,}; whole in "
                      f"float32 they would be {_gb(whole)}, the head runs in tiles of "
-                     f"{chunk:,} tokens x {block:,} vocabulary rows" if tokens > plain else
+                     f"{chunk:,} tokens x {block:,} vocabulary rows" if tiled else
                      f"  logits: {tokens:,} tokens per micro-batch x {vocab:,} are taken whole "
                      f"({_gb(whole)} in float32)")
     if deferred:

@@ -116,18 +116,13 @@ class HeadGradient:
         for r in groups:
             w = weight[lo:hi].to(r.dtype)
             for s in range(0, r.hidden.shape[0], logprobs.TOKEN_CHUNK):
-                h = r.hidden[s:s + logprobs.TOKEN_CHUNK]
-                g = r.grad[s:s + logprobs.TOKEN_CHUNK, None]
-                z = logprobs._logits(h.to(r.dtype), w, bias, r.dtype, r.temperature)
-                dz = z.sub_(r.lse[s:s + logprobs.TOKEN_CHUNK, None]).exp_().mul_(-g)
-                index, inside = logprobs._label_in_tile(r.labels[s:s + logprobs.TOKEN_CHUNK],
-                                                        lo, hi - lo)
-                dz.scatter_add_(-1, index[:, None], g * inside[:, None])
-                if r.dtype == wide:
-                    out.addmm_(dz.t(), h.to(wide))
-                else:
-                    out += (dz.to(r.dtype).t() @ h.to(r.dtype)).to(wide)
-                del z, dz
+                piece = slice(s, s + logprobs.TOKEN_CHUNK)
+                h = r.hidden[piece]
+                dz = logprobs.logit_grad(h.to(r.dtype), w, bias, r.lse[piece],
+                                         r.grad[piece, None], r.labels[piece], lo, r.dtype,
+                                         r.temperature)
+                logprobs.add_weight_grad(out, dz, h, r.dtype)
+                del dz
         if sparse is not None:
             ids, values = sparse
             a, b = torch.searchsorted(ids, torch.tensor([lo, hi], device=ids.device)).tolist()

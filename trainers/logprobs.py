@@ -202,21 +202,15 @@ class ChunkedLogprob(torch.autograd.Function):
                 gh = torch.zeros(h.shape, dtype=wide, device=h.device) if need_h else None
                 for lo in range(0, vocab, block):
                     w = weight[lo:lo + block].to(dtype)
-                    z = _logits(h_low, w, None if bias is None else bias[lo:lo + block], dtype,
-                                temperature)
-                    dz = z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)  # −g·softmax, in place
-                    index, inside = _label_in_tile(y, lo, z.shape[1])
-                    dz.scatter_add_(-1, index[:, None], g * inside[:, None])  # + g at the label
+                    dz = logit_grad(h_low, w, None if bias is None else bias[lo:lo + block],
+                                    lse[s:s + chunk], g, y, lo, dtype, temperature)
                     if grad_b is not None:
                         grad_b[lo:lo + block] += dz.sum(0)
-                    dz = dz.to(dtype)
+                    if need_w:  # before dz is cast: in place in the softmax's dtype
+                        add_weight_grad(grad_w[lo:lo + block], dz, h, dtype)
                     if need_h:
-                        gh += dz @ w
-                    if need_w and dtype == wide:
-                        grad_w[lo:lo + block].addmm_(dz.t(), h)  # in place: no second tile
-                    elif need_w:
-                        grad_w[lo:lo + block] += (dz.t() @ h_low).to(wide)
-                    del z, dz  # before the next tile's logits exist: one [c, b] at a time
+                        gh += dz.to(dtype) @ w
+                    del dz  # before the next tile's logits exist: one [c, b] at a time
                 if need_h:
                     grad_h[s:s + chunk] = gh.to(hidden.dtype)
         return (grad_h, grad_w.to(weight.dtype) if need_w and not in_place else None,
@@ -244,6 +238,25 @@ def _logits(h, w, bias, dtype, temperature) -> torch.Tensor:
         z.add_(bias.to(dtype))
     z = z.to(torch.promote_types(z.dtype, torch.float32))
     return z.div_(temperature) if temperature != 1.0 else z
+
+
+def logit_grad(h_low, w, bias, lse, g, labels, lo: int, dtype, temperature) -> torch.Tensor:
+    """∂/∂z of Σ g·logp over a tile (vocabulary rows lo .. lo+b of the head, `w`, `bias`):
+    g·(onehot(y) − softmax(z)) [c, b] in the softmax's dtype, recomputed from the tile's logits
+    and the saved log-sum-exp; `g` is [c, 1] (∂loss/∂logp / τ)."""
+    z = _logits(h_low, w, bias, dtype, temperature)
+    dz = z.sub_(lse[:, None]).exp_().mul_(-g)  # −g·softmax, in place
+    index, inside = _label_in_tile(labels, lo, z.shape[1])
+    return dz.scatter_add_(-1, index[:, None], g * inside[:, None])  # + g at the label
+
+
+def add_weight_grad(out: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, dtype) -> None:
+    """out += dzᵀh for a tile's rows of ∂W: in place when the matmuls run in the softmax's
+    dtype (no second tile), else through a `dtype` matmul (autocast), widened."""
+    if dtype == out.dtype:
+        out.addmm_(dz.t(), h.to(out.dtype))
+    else:
+        out += (dz.to(dtype).t() @ h.to(dtype)).to(out.dtype)
 
 
 def _chunked_only(head: torch.nn.Linear) -> bool:
