@@ -4,7 +4,8 @@ For vectors a and b (or the deltas A − BASE and B − BASE of two models), per
 and in total: cosine similarity ⟨a, b⟩ / (‖a‖·‖b‖), norm ratio ‖a‖ / ‖b‖, and sign agreement —
 the share of entries where both are non-zero whose signs agree (TIES' notion of interference,
 https://arxiv.org/abs/2306.01708). Streamed: a few threads each read blocks of rows of every
-input and reduce them, sums kept in float64 and added in block order.
+input and reduce them, in one compiled pass (`kernels.pair_sums`) or, without a C compiler, in
+torch; sums kept in float64 and added in block order.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import hub
+from . import hub, kernels
 from .checkpoint import Checkpoint
 from .engine import DEFAULT_BLOCK_BYTES
 from .errors import MismatchError
@@ -136,18 +137,20 @@ def _fill(row: torch.Tensor, c, name: str, span) -> int:
     return t.numel()
 
 
-def _block_stats_all(names: list[str], inputs: dict, workers: int
+def _block_stats_all(names: list[str], inputs: dict, workers: int, native: bool
                      ) -> tuple[list[tuple[str, object]], list[tuple]]:
-    """Every block of rows of every tensor, each read, widened and reduced by one of `workers`
-    threads: -> (blocks as (name, rows), their `block_stats` plus the entry count, in order).
+    """Every block of rows of every tensor, each read and reduced by one of `workers` threads:
+    -> (blocks as (name, rows), their `block_stats` plus the entry count, in order).
 
-    Each thread takes the next block, reads every input's rows of it into its own [k, n]
-    float32 matrix (the deltas to a base taken in place), and reduces it; torch's kernels let
-    go of the GIL, so the threads run side by side. A reader thread feeding one reducing
-    thread had left a core idle part of the time (the reductions take longer than the reads
-    and the widening). Nothing is allocated per block (a widening into a fresh 4 MiB buffer
-    took 4x a copy into a reused one). The results are summed in block order, so they do not
-    depend on which thread took which block."""
+    Each thread takes the next block and reads every input's rows of it into buffers of its
+    own. With `native` (the compiled `kernels.pair_sums`), bfloat16 files are reduced from
+    their bytes as read and everything else from float32 rows, the deltas to a base taken in
+    the same pass; otherwise the rows are widened into a [k, n] float32 matrix (the deltas
+    taken in place) for `block_stats`. The kernel and torch's kernels let go of the GIL, so the
+    threads run side by side. A reader thread feeding one reducing thread had left a core idle
+    part of the time. Nothing is allocated per block (a widening into a fresh 4 MiB buffer took
+    4x a copy into a reused one). The results are summed in block order, so they do not depend
+    on which thread took which block."""
     first = next(iter(inputs.values()))
     jobs: list[tuple[str, object]] = []
     largest = 1
@@ -157,13 +160,18 @@ def _block_stats_all(names: list[str], inputs: dict, workers: int
         largest = max(largest, row * step)
         jobs += [(name, (r0, min(r0 + step, rows))) for r0 in range(0, rows, step)] \
             if shape else [(name, None)]
+    # tensors every input stores in bfloat16 in a file: reduced from the bytes as read
+    raw = {name for name in names if native and all(
+        isinstance(c, Checkpoint) and c.tensors[name].dtype == torch.bfloat16
+        for c in inputs.values())}
     results: list = [None] * len(jobs)
     lock, cursor, stop, errors = threading.Lock(), [0], threading.Event(), []
     has_base = "base" in inputs
 
     def work() -> None:
         x = torch.empty(len(inputs), largest)
-        scratch = torch.empty(largest)
+        as_read = torch.empty(len(inputs), 2 * largest, dtype=torch.uint8) if raw else None
+        scratch = None if native else torch.empty(largest)
         try:
             while not stop.is_set():
                 with lock:
@@ -172,11 +180,20 @@ def _block_stats_all(names: list[str], inputs: dict, workers: int
                 if i >= len(jobs):
                     return
                 name, span = jobs[i]
-                n = [_fill(x[k], c, name, span) for k, c in enumerate(inputs.values())][0]
-                block = x[:, :n]
-                if has_base:  # our own buffer (rows a, b, base): the deltas in place
-                    block[:2] -= block[2:3]
-                results[i] = (*block_stats(block[:2], scratch), n)
+                if name in raw:
+                    rows = [c.read(name, span, out=as_read[k]).reshape(-1)
+                            for k, c in enumerate(inputs.values())]
+                    n = rows[0].numel()
+                else:
+                    n = [_fill(x[k], c, name, span) for k, c in enumerate(inputs.values())][0]
+                    rows = x[:, :n]
+                if native:
+                    sums = kernels.pair_sums(rows[0], rows[1], rows[2] if has_base else None)
+                else:
+                    if has_base:  # our own buffer (rows a, b, base): the deltas in place
+                        rows[:2] -= rows[2:3]
+                    sums = block_stats(rows[:2], scratch)
+                results[i] = (*sums, n)
         except BaseException as e:  # re-raised by the caller
             errors.append(e)
             stop.set()
@@ -253,7 +270,7 @@ def compare(a_spec: str, b_spec: str, base_spec: str | None = None,
     with opened(sources) as ckpts, _one_thread():
         names = _names(ckpts["a"], ckpts["b"], ckpts.get("base"), selection, (a_spec, b_spec))
         per = {name: Stats(name, tensors=1) for name in names}
-        jobs, results = _block_stats_all(names, ckpts, WORKERS)
+        jobs, results = _block_stats_all(names, ckpts, WORKERS, kernels.available())
         for (name, _), (dot, sq_a, sq_b, agree, disagree, n) in zip(jobs, results):
             s = per[name]
             s.params += n

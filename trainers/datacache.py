@@ -18,15 +18,15 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from mergekit_rl import cache_root
+
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "MERGEKIT_RL_CACHE"
 VERSION = 1  # bump when the tokenisation code changes what it produces
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mergekit_rl"
-    return Path(root) / "tokenized"
+    return cache_root() / "tokenized"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

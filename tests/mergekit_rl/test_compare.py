@@ -56,11 +56,25 @@ def reference(a: dict, b: dict, base: dict | None = None) -> dict[str, dict]:
                 "sign_agreement": s / (s + n)} for k, (d, p, q, s, n) in groups.items()}
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def reduction(request, monkeypatch):
+    """compare's two reductions: the compiled kernel, and torch's (no C compiler)."""
+    from mergekit_rl import kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    elif not kernels.available():
+        pytest.skip(f"no compiled kernel: {kernels.why_not()}")
+    return request.param
+
+
 @pytest.mark.parametrize("block, workers", [(None, None), (64, 3), (50, 1)],
                          ids=["default", "64-entry blocks on 3 threads", "50 on 1"])
-def test_per_layer_against_in_memory(tmp_path, tiny_models, monkeypatch, block, workers):
+def test_per_layer_against_in_memory(tmp_path, tiny_models, monkeypatch, block, workers,
+                                     reduction):
     """Whole tensors, and blocks of a few rows reduced by several threads (summed in block
-    order whichever thread took them): the in-memory float64 values."""
+    order whichever thread took them): the in-memory float64 values, from bfloat16 files
+    (the models) and float32 ones (the vectors)."""
     from mergekit_rl import comparison
 
     if block:
@@ -83,6 +97,12 @@ def test_per_layer_against_in_memory(tmp_path, tiny_models, monkeypatch, block, 
     want = reference(load_state(m["grpo"]), load_state(m["instruct"]), load_state(m["base"]))
     for g in out["groups"]:
         assert g["cosine"] == pytest.approx(want[g["name"]]["cosine"], rel=1e-4, abs=1e-6)
+    # a bfloat16 model against a float32 vector: both widened for the one reduction
+    out = json.loads(cli("compare", m["grpo"], tmp_path / "v1", "--json").output)
+    want = reference(load_state(m["grpo"]), load_state(tmp_path / "v1"))
+    for g in out["groups"]:
+        assert g["sign_agreement"] == pytest.approx(want[g["name"]]["sign_agreement"])
+        assert g["cosine"] == pytest.approx(want[g["name"]]["cosine"], rel=1e-5, abs=1e-7)
 
 
 def test_table_and_plot(tmp_path, tiny_models):
@@ -107,22 +127,25 @@ def test_compare_different_tensor_sets_is_one_line(tmp_path, tiny_models):
 
 
 def test_a_read_failing_in_one_thread_is_one_line_and_stops_the_others(tmp_path, tiny_models,
-                                                                        monkeypatch):
+                                                                        monkeypatch, reduction):
     from mergekit_rl import comparison
     from mergekit_rl.checkpoint import Checkpoint
     from mergekit_rl.errors import CheckpointError
 
     monkeypatch.setattr(comparison, "BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(comparison, "WORKERS", 2)
-    calls, real = [], Checkpoint.read_into
+    calls = []
 
-    def failing(self, name, rows, out):
-        calls.append(name)
-        if len(calls) == 7:
-            raise CheckpointError(f"{self.path}: file ended early; re-download it")
-        return real(self, name, rows, out)
+    def failing(real):  # read (bfloat16 bytes for the kernel) or read_into (widened)
+        def read(self, name, rows, *args, **kwargs):
+            calls.append(name)
+            if len(calls) == 7:
+                raise CheckpointError(f"{self.path}: file ended early; re-download it")
+            return real(self, name, rows, *args, **kwargs)
+        return read
 
-    monkeypatch.setattr(Checkpoint, "read_into", failing)
+    monkeypatch.setattr(Checkpoint, "read_into", failing(Checkpoint.read_into))
+    monkeypatch.setattr(Checkpoint, "read", failing(Checkpoint.read))
     m = tiny_models["qwen2_untied_bf16_sharded"]
     r = cli("compare", m["grpo"], m["sft"], ok=False)
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "file ended early" in r.output
